@@ -1,0 +1,42 @@
+"""Direct feedback alignment (DFA, Nøkland 2016; survey eq. 23).
+
+The last stage computes the output error e = dL/dlogits and sends it to every stage.
+Stage k takes e C_k, C_k a fixed random matrix from the classes to its output, as the
+gradient of its output and backpropagates that inside the stage. Every stage updates
+as soon as the error is known, without waiting for the stages between.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .base import Feedback, Rule, StepResult
+from .feedback import random_like_init
+
+
+class DirectFeedbackAlignmentRule(Rule):
+    name = "dfa"
+    feedback = Feedback.OUTPUT_ERROR
+
+    def attach(self, stage) -> None:
+        if stage.is_last:
+            return
+        projection = nn.Module()
+        # Scaled like the weight of a Linear(output -> classes), as backprop's last layer would be.
+        weight = torch.empty(stage.num_classes, math.prod(stage.output_shape))
+        projection.register_buffer("matrix", random_like_init(weight))
+        self.extra["projection"] = projection
+
+    def step(self, stage, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        if stage.is_last:
+            return self._last_stage_step(stage, x, y, send="output_error")
+        return self._forward_and_hold(stage, x, needs_input_grad=False)
+
+    def apply(self, stage, signal: torch.Tensor) -> None:
+        _, h = self._pop_pending(stage)
+        grad = (signal @ self.extra["projection"].matrix).view_as(h)
+        stage.backward_and_step(h, grad)
+        return None
