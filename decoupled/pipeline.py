@@ -1,0 +1,70 @@
+"""From a config to K ready Stages: build the model, split it, give each stage its rule.
+
+Every runtime builds its stages here, so a stage is the same object wherever it runs.
+The model is built whole from the seed and then sliced, so stage k's initial weights do
+not depend on which process builds it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import Config
+from .data import Dataset
+from .models import build_blocks
+from .rules import build_rule
+from .split import StagePlan, plan_split, stage_modules
+from .stage import Stage
+
+
+def configure_threads(cfg: Config) -> None:
+    """Pin torch's intra-op threads: oversubscribed cores make every stage crawl."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device: 'cuda' requested but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def steps_per_epoch(cfg: Config, dataset: Dataset) -> int:
+    return len(dataset.train_y) // cfg.train.batch_size
+
+
+def total_steps(cfg: Config, dataset: Dataset) -> int:
+    steps = cfg.train.epochs * steps_per_epoch(cfg, dataset)
+    return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
+
+
+def plan_stages(cfg: Config, dataset: Dataset) -> tuple[list[torch.nn.Module], list[StagePlan]]:
+    """The model's blocks (initialised from ``cfg.seed``) and which of them each stage holds."""
+    torch.manual_seed(cfg.seed)
+    blocks = build_blocks(cfg.model, dataset.input_shape, dataset.num_classes)
+    sample = dataset.train_x[: cfg.train.batch_size] if cfg.split.balance == "time" else None
+    return blocks, plan_split(blocks, cfg.split, dataset.input_shape, sample)
+
+
+def build_stages(cfg: Config, dataset: Dataset, device: torch.device) -> tuple[list[StagePlan], list[Stage]]:
+    blocks, plans = plan_stages(cfg, dataset)
+    steps = total_steps(cfg, dataset)
+    stages = [
+        Stage(
+            plan.index,
+            len(plans),
+            module,
+            build_rule(cfg.method),
+            cfg.optimizer,
+            input_shape=plan.input_shape,
+            output_shape=plan.output_shape,
+            num_classes=dataset.num_classes,
+            total_steps=steps,
+            seed=cfg.seed,
+            device=device,
+        )
+        for plan, module in zip(plans, stage_modules(blocks, plans))
+    ]
+    return plans, stages

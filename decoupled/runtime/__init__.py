@@ -1,0 +1,1 @@
+"""Runtimes move tensors between stages; the stages themselves learn (see stage.py)."""

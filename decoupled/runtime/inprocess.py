@@ -1,0 +1,137 @@
+"""In-process runtime: all K stages in one process, one batch at a time.
+
+The reference for every other runtime, and the single-worker E2EBP baseline. Feedback
+moves as each rule declares (rules/base.py: Feedback); nothing here depends on which
+rule runs.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import Config
+from ..data import Dataset, iterate_batches, load_dataset
+from ..metrics import MetricsLogger
+from ..pipeline import build_stages, configure_threads, resolve_device, total_steps
+from ..rules import Feedback
+from ..stage import Stage
+
+
+def train_batch(stages: list[Stage], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One training step of the whole pipeline; returns the last stage's logits."""
+    feedback = stages[0].rule.feedback
+    results = []
+    h = x
+    for k, stage in enumerate(stages):
+        result = stage.step(h, y)
+        if feedback is Feedback.PREDICTOR_TARGET and k > 0:
+            stages[k - 1].apply(result.feedback)  # train predictor k-1 at once, as single-process DNI does
+        results.append(result)
+        h = result.output
+    if feedback is Feedback.GRADIENT:
+        grad = results[-1].feedback
+        for stage in reversed(stages[:-1]):
+            grad = stage.apply(grad)
+    elif feedback is Feedback.OUTPUT_ERROR:
+        for stage in stages[:-1]:
+            stage.apply(results[-1].feedback)
+    return results[-1].output
+
+
+@torch.no_grad()
+def evaluate(stages: list[Stage], x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict:
+    """Test accuracy of the full pipeline and of each stage's local classifier, if any."""
+    for stage in stages:
+        stage.eval()
+    correct = torch.zeros(len(stages), dtype=torch.long)
+    has_aux = [False] * len(stages)
+    for xb, yb in iterate_batches(x, y, batch_size, shuffle=False):
+        h = xb
+        for k, stage in enumerate(stages):
+            h, aux = stage.predict(h)
+            logits = h if stage.is_last else aux
+            if logits is not None:
+                has_aux[k] = True
+                correct[k] += (logits.argmax(1).cpu() == yb).sum()
+    for stage in stages:
+        stage.train()
+    accuracy = (correct.double() / len(y)).tolist()
+    return {
+        "test_accuracy": accuracy[-1],
+        "aux_accuracy": [a if has else None for a, has in zip(accuracy[:-1], has_aux[:-1])],
+    }
+
+
+def train_inprocess(cfg: Config, run_dir: Path, dataset: Dataset | None = None) -> dict:
+    """Train ``cfg`` with all stages in this process; returns the run's summary."""
+    start = time.perf_counter()
+    configure_threads(cfg)
+    device = resolve_device(cfg.train.device)
+    dataset = dataset or load_dataset(cfg.data, cfg.seed)
+    plans, stages = build_stages(cfg, dataset, device)
+    steps = total_steps(cfg, dataset)
+    logger = MetricsLogger(run_dir, cfg.output.tensorboard)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    bs = cfg.train.batch_size
+    step, train_seconds, epochs_run, evals = 0, 0.0, 0, []
+    progress = tqdm(total=steps, desc=f"{cfg.method.display_name()} K={len(stages)}", unit="step",
+                    disable=not cfg.train.progress, leave=False)
+    try:
+        while step < steps:
+            t0 = time.perf_counter()
+            batches = iterate_batches(dataset.train_x, dataset.train_y, bs, shuffle=True, generator=generator,
+                                      augment=dataset.augment, drop_last=True)
+            epoch_steps = 0
+            for x, y in batches:
+                logits = train_batch(stages, x, y)
+                step += 1
+                epoch_steps += 1
+                progress.update()
+                if step % cfg.train.log_every == 0 or step == steps:
+                    values = {f"stage{s.index}/{k}": v for s in stages for k, v in s.metrics.items()}
+                    values["train/accuracy"] = (logits.argmax(1) == y.to(logits.device)).double().mean()
+                    logger.scalars(step, values)
+                    progress.set_postfix(loss=f"{float(stages[-1].metrics['loss']):.3f}")
+                if step >= steps:
+                    break
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - t0
+            train_seconds += seconds
+            epochs_run += 1
+            result = evaluate(stages, dataset.test_x, dataset.test_y, cfg.train.eval_batch_size)
+            evals.append(result)
+            values = {"test/accuracy": result["test_accuracy"], "throughput/samples_per_sec": epoch_steps * bs / seconds}
+            values.update({f"test/aux_accuracy_stage{k}": a for k, a in enumerate(result["aux_accuracy"]) if a is not None})
+            logger.scalars(step, values)
+            if cfg.train.progress:
+                progress.write(f"epoch {epochs_run}: test accuracy {result['test_accuracy']:.4f}")
+    finally:
+        progress.close()
+        logger.close()
+    final = evals[-1]
+    return {
+        "name": cfg.name,
+        "method": cfg.method.name,
+        "label": cfg.method.display_name(),
+        "schedule": None,
+        "runtime": "inprocess",
+        "stages": len(stages),
+        "split": [{"index": p.index, "blocks": [p.start, p.stop], "params": p.params} for p in plans],
+        "epochs": epochs_run,
+        "steps": step,
+        "batch_size": bs,
+        "samples_per_sec": step * bs / train_seconds,
+        "test_accuracy": final["test_accuracy"],
+        "aux_accuracy": final["aux_accuracy"],
+        "test_accuracy_per_epoch": [e["test_accuracy"] for e in evals],
+        "final_loss": float(stages[-1].metrics["loss"]),
+        "train_seconds": train_seconds,
+        "wall_seconds": time.perf_counter() - start,
+        "stage_info": [s.info() for s in stages],
+        "torch_version": torch.__version__,
+    }
