@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from .config import Config, ConfigError
@@ -32,6 +33,10 @@ def compare(config: Config | dict, parent: Path | None = None) -> dict:
     runs = []
     for method, run_cfg in zip(cfg.compare.methods, configs):
         runs.append(train(run_cfg, parent / method.display_name(), dataset))
+        if cfg.train.progress:
+            r = runs[-1]
+            print(f"{r['label']}: test accuracy {r['test_accuracy']:.4f}, {r['samples_per_sec']:.0f} samples/s, "
+                  f"{r['wall_seconds']:.1f} s", file=sys.stderr, flush=True)
     baselines = [r for r in runs if r["method"] == "backprop"]
     for r in runs:
         r["speed_ratio"] = {b["label"]: r["samples_per_sec"] / b["samples_per_sec"] for b in baselines}

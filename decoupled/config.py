@@ -17,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     NonNegativeFloat,
+    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     ValidationError,
@@ -246,6 +247,7 @@ class TrainConfig(_Strict):
     batch_size: PositiveInt = 64
     eval_batch_size: PositiveInt = 512
     max_steps: PositiveInt | None = Field(None, description="stop after this many steps (throughput runs)")
+    warmup_steps: NonNegativeInt = Field(5, description="first steps left out of samples/s (one-off start-up costs)")
     threads: PositiveInt | None = Field(None, description="torch.set_num_threads; default: torch's choice")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: PositiveInt = 10

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,3 +45,47 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class Throughput:
+    """Samples/s over the training steps, leaving out the first ``warmup`` steps.
+
+    The first steps pay one-off costs (CUDA kernel selection, allocator growth, lazy
+    initialisation) that would otherwise favour whichever method runs second. Device
+    work is synchronised before each reading. Evaluation is never timed.
+    """
+
+    def __init__(self, warmup: int, device: torch.device) -> None:
+        self.warmup, self.device = warmup, device
+        self.steps, self.samples, self.seconds = 0, 0, 0.0
+        self._t0: float | None = None
+        self._epoch_samples = 0
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def begin_epoch(self) -> None:
+        self._epoch_samples = 0
+        self._t0 = self._now() if self.steps >= self.warmup else None
+
+    def step(self, samples: int) -> None:
+        self.steps += 1
+        if self._t0 is not None:
+            self._epoch_samples += samples
+        elif self.steps == self.warmup:
+            self._t0 = self._now()
+
+    def end_epoch(self) -> float | None:
+        """This epoch's samples/s (None while still warming up)."""
+        if self._t0 is None or self._epoch_samples == 0:
+            return None
+        seconds = self._now() - self._t0
+        self.seconds += seconds
+        self.samples += self._epoch_samples
+        return self._epoch_samples / seconds
+
+    @property
+    def samples_per_sec(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else float("nan")

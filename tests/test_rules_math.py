@@ -1,8 +1,13 @@
-"""The learning rules against references computed independently (autograd or by hand)."""
+"""The learning rules against references computed independently (autograd or by hand).
+
+Stages run on ``DECOUPLED_TEST_DEVICE`` (default cpu; the GPU check sets cuda); the
+references are computed on the CPU in float32.
+"""
 
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -24,6 +29,8 @@ from decoupled.rules.feedback import input_gradient
 from decoupled.runtime.inprocess import train_batch
 from decoupled.stage import Stage
 
+DEVICE = torch.device(os.environ.get("DECOUPLED_TEST_DEVICE", "cpu"))
+torch.backends.cudnn.allow_tf32 = False  # exact float32 on GPUs too: these tests compare to 1e-6
 LR = 0.1
 PLAIN_SGD = OptimizerConfig(name="sgd", lr=LR, momentum=0.0, weight_decay=0.0, schedule="constant")
 
@@ -41,6 +48,7 @@ def make_stages(method, modules: list[nn.Module], shapes: list[tuple[int, ...]],
             output_shape=shapes[k + 1],
             num_classes=num_classes,
             total_steps=1,
+            device=DEVICE,
         )
         for k, m in enumerate(modules)
     ]
@@ -72,7 +80,7 @@ def backprop_reference(modules: list[nn.Module], x, y) -> list[list[torch.Tensor
 
 
 def stage_params(stages: list[Stage]) -> list[list[torch.Tensor]]:
-    return [[p.detach().clone() for p in s.module.parameters()] for s in stages]
+    return [[p.detach().cpu().clone() for p in s.module.parameters()] for s in stages]
 
 
 def assert_params_close(actual, expected, atol=1e-6):
@@ -86,7 +94,7 @@ class ExactGradient(nn.Module):
 
     def __init__(self, downstream: list[nn.Module]):
         super().__init__()
-        self.downstream = nn.Sequential(*copy.deepcopy(downstream))
+        self.downstream = nn.Sequential(*copy.deepcopy(downstream)).to(DEVICE)
 
     def forward(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.enable_grad():
@@ -167,7 +175,7 @@ def test_dgl_no_gradient_crosses_a_stage_boundary():
     stages = make_stages(DGLMethod(name="dgl", aux_hidden=8), modules, shapes)
     assert stages[0].rule.feedback is Feedback.NONE
     # Hand stage 1 an input still attached to stage 0's graph: its update must not reach stage 0.
-    h0 = stages[0].module(x)
+    h0 = stages[0].module(x.to(DEVICE))
     result = stages[1].step(h0, y)
     assert all(p.grad is None for p in stages[0].module.parameters())
     assert result.feedback is None
@@ -178,12 +186,12 @@ def test_dgl_stage_update_depends_only_on_its_own_auxiliary_loss():
     x, y = batch()
     stages = make_stages(DGLMethod(name="dgl", aux_hidden=8), modules, shapes)
     module, head = copy.deepcopy(stages[1].module), copy.deepcopy(stages[1].rule.extra["aux_head"])
-    h0 = stages[0].module(x).detach()  # stage 1's input, before stage 0 updates
+    h0 = stages[0].module(x.to(DEVICE)).detach()  # stage 1's input, before stage 0 updates
     train_batch(stages, x, y)
-    F.cross_entropy(head(module(h0)), y).backward()
+    F.cross_entropy(head(module(h0)), y.to(DEVICE)).backward()
     with torch.no_grad():
         expected = [p - LR * p.grad for p in module.parameters()]
-    assert_params_close([list(stages[1].module.parameters())], [expected])
+    assert_params_close(stage_params(stages[1:2]), [[p.cpu() for p in expected]])
 
 
 def tanh_prime(a: torch.Tensor) -> torch.Tensor:
@@ -206,8 +214,8 @@ def test_feedback_alignment_updates_match_hand_formula(method):
     modules, shapes = two_layer_net()
     x, y = batch()
     stages = make_stages(method, modules, shapes)
-    (W1, b1), (W2, b2) = [[p.detach().clone() for p in s.module.parameters()] for s in stages]
-    R = stages[1].rule.extra["feedback"].get_buffer("0").clone()
+    (W1, b1), (W2, b2) = stage_params(stages)
+    R = stages[1].rule.extra["feedback"].get_buffer("0").cpu()
     B2 = R if method.name == "fa" else R.abs() * torch.sign(W2)
     assert not torch.allclose(B2, W2)  # otherwise this would not tell FA from backprop
 
@@ -235,9 +243,9 @@ def test_direct_feedback_alignment_updates_match_hand_formula():
     modules, shapes = three_layer_net()
     x, y = batch()
     stages = make_stages(DFAMethod(name="dfa"), modules, shapes)
-    (W0, b0), (W1, b1), (W2, b2) = [[p.detach().clone() for p in s.module.parameters()] for s in stages]
-    C0 = stages[0].rule.extra["projection"].matrix
-    C1 = stages[1].rule.extra["projection"].matrix
+    (W0, b0), (W1, b1), (W2, b2) = stage_params(stages)
+    C0 = stages[0].rule.extra["projection"].matrix.cpu()
+    C1 = stages[1].rule.extra["projection"].matrix.cpu()
 
     # Survey eq. 23: each stage gets the output error through its own fixed matrix.
     a0 = torch.tanh(x @ W0.T + b0)
@@ -271,7 +279,7 @@ def test_feedback_alignment_conv_stage_passes_the_feedback_gradient_upstream():
     stages = make_stages(FAMethod(name="fa"), modules, [(2, 4, 4), (3, 4, 4), (3,)])
     x = torch.randn(5, 3, 4, 4)
     y = torch.randint(0, 3, (5,))
-    grad = stages[1].step(x, y).feedback
-    B = stages[1].rule.extra["feedback"].get_buffer("1")
+    grad = stages[1].step(x, y).feedback.cpu()
+    B = stages[1].rule.extra["feedback"].get_buffer("1").cpu()
     e = output_error(modules[1](x).detach(), y)
     torch.testing.assert_close(grad, (e @ B).view_as(x))

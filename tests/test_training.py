@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -20,7 +22,8 @@ def digits_config(tmp_path, **overrides) -> dict:
         "model": {"name": "mlp", "hidden": [64, 64]},
         "split": {"stages": 3},
         "optimizer": {"lr": 0.05},
-        "train": {"epochs": 3, "batch_size": 32, "threads": 1, "progress": False},
+        "train": {"epochs": 3, "batch_size": 32, "threads": 1, "progress": False,
+                  "device": os.environ.get("DECOUPLED_TEST_DEVICE", "cpu")},
         "output": {"dir": str(tmp_path / "runs")},
     }
     cfg.update(overrides)
@@ -84,3 +87,15 @@ def test_compare_runs_each_method_and_reports_ratios(tmp_path):
     table = (parent / "comparison.md").read_text()
     assert "| cdni | dni | 3 |" in table and "× backprop" in table
     assert result["table"] == data["table"]
+
+
+def test_quickstart_config_reaches_its_accuracy_targets(tmp_path):
+    """The Quickstart's main job (K=4 on digits): backprop >= 0.95, dgl >= 0.93 test accuracy."""
+    cfg = decoupled.load_config(
+        Path(__file__).parents[1] / "configs" / "quickstart.yaml",
+        [f"output.dir={tmp_path}", "train.progress=false", "compare.methods=[{name: backprop}, {name: dgl}]"],
+    )
+    runs = {r["label"]: r for r in decoupled.compare(cfg)["runs"]}
+    assert runs["backprop"]["stages"] == 4
+    assert runs["backprop"]["test_accuracy"] >= 0.95
+    assert runs["dgl"]["test_accuracy"] >= 0.93

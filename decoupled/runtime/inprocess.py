@@ -7,6 +7,7 @@ rule runs.
 
 from __future__ import annotations
 
+import resource
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ..config import Config
 from ..data import Dataset, iterate_batches, load_dataset
-from ..metrics import MetricsLogger
+from ..metrics import MetricsLogger, Throughput
 from ..pipeline import build_stages, configure_threads, resolve_device, total_steps
 from ..rules import Feedback
 from ..stage import Stage
@@ -56,7 +57,7 @@ def evaluate(stages: list[Stage], x: torch.Tensor, y: torch.Tensor, batch_size: 
             logits = h if stage.is_last else aux
             if logits is not None:
                 has_aux[k] = True
-                correct[k] += (logits.argmax(1).cpu() == yb).sum()
+                correct[k] += (logits.argmax(1) == yb).sum().cpu()
     for stage in stages:
         stage.train()
     accuracy = (correct.double() / len(y)).tolist()
@@ -66,50 +67,61 @@ def evaluate(stages: list[Stage], x: torch.Tensor, y: torch.Tensor, batch_size: 
     }
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this run: GPU memory allocated by torch, or this process's peak resident size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def train_inprocess(cfg: Config, run_dir: Path, dataset: Dataset | None = None) -> dict:
     """Train ``cfg`` with all stages in this process; returns the run's summary."""
     start = time.perf_counter()
     configure_threads(cfg)
     device = resolve_device(cfg.train.device)
     dataset = dataset or load_dataset(cfg.data, cfg.seed)
+    # the whole (in-memory) data set goes to the device once, not batch by batch
+    train_x, train_y = dataset.train_x.to(device), dataset.train_y.to(device)
+    test_x, test_y = dataset.test_x.to(device), dataset.test_y.to(device)
     plans, stages = build_stages(cfg, dataset, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     steps = total_steps(cfg, dataset)
     logger = MetricsLogger(run_dir, cfg.output.tensorboard)
     generator = torch.Generator().manual_seed(cfg.seed)
     bs = cfg.train.batch_size
-    step, train_seconds, epochs_run, evals = 0, 0.0, 0, []
+    throughput = Throughput(min(cfg.train.warmup_steps, steps - 1), device)
+    step, train_seconds, evals = 0, 0.0, []
+    # disable=None: a bar on a terminal, silence in logs and CI
     progress = tqdm(total=steps, desc=f"{cfg.method.display_name()} K={len(stages)}", unit="step",
-                    disable=not cfg.train.progress, leave=False)
+                    disable=None if cfg.train.progress else True, leave=False)
     try:
         while step < steps:
             t0 = time.perf_counter()
-            batches = iterate_batches(dataset.train_x, dataset.train_y, bs, shuffle=True, generator=generator,
-                                      augment=dataset.augment, drop_last=True)
-            epoch_steps = 0
-            for x, y in batches:
+            throughput.begin_epoch()
+            for x, y in iterate_batches(train_x, train_y, bs, shuffle=True, generator=generator,
+                                        augment=dataset.augment, drop_last=True):
                 logits = train_batch(stages, x, y)
                 step += 1
-                epoch_steps += 1
+                throughput.step(bs)
                 progress.update()
                 if step % cfg.train.log_every == 0 or step == steps:
                     values = {f"stage{s.index}/{k}": v for s in stages for k, v in s.metrics.items()}
-                    values["train/accuracy"] = (logits.argmax(1) == y.to(logits.device)).double().mean()
+                    values["train/accuracy"] = (logits.argmax(1) == y).double().mean()
                     logger.scalars(step, values)
                     progress.set_postfix(loss=f"{float(stages[-1].metrics['loss']):.3f}")
                 if step >= steps:
                     break
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - t0
-            train_seconds += seconds
-            epochs_run += 1
-            result = evaluate(stages, dataset.test_x, dataset.test_y, cfg.train.eval_batch_size)
+            rate = throughput.end_epoch()
+            train_seconds += time.perf_counter() - t0
+            result = evaluate(stages, test_x, test_y, cfg.train.eval_batch_size)
             evals.append(result)
-            values = {"test/accuracy": result["test_accuracy"], "throughput/samples_per_sec": epoch_steps * bs / seconds}
+            values = {"test/accuracy": result["test_accuracy"]}
+            if rate is not None:
+                values["throughput/samples_per_sec"] = rate
             values.update({f"test/aux_accuracy_stage{k}": a for k, a in enumerate(result["aux_accuracy"]) if a is not None})
             logger.scalars(step, values)
-            if cfg.train.progress:
-                progress.write(f"epoch {epochs_run}: test accuracy {result['test_accuracy']:.4f}")
+            progress.set_description(f"{cfg.method.display_name()} K={len(stages)} test acc {result['test_accuracy']:.3f}")
     finally:
         progress.close()
         logger.close()
@@ -122,16 +134,17 @@ def train_inprocess(cfg: Config, run_dir: Path, dataset: Dataset | None = None) 
         "runtime": "inprocess",
         "stages": len(stages),
         "split": [{"index": p.index, "blocks": [p.start, p.stop], "params": p.params} for p in plans],
-        "epochs": epochs_run,
+        "epochs": len(evals),
         "steps": step,
         "batch_size": bs,
-        "samples_per_sec": step * bs / train_seconds,
+        "samples_per_sec": throughput.samples_per_sec,
         "test_accuracy": final["test_accuracy"],
         "aux_accuracy": final["aux_accuracy"],
         "test_accuracy_per_epoch": [e["test_accuracy"] for e in evals],
         "final_loss": float(stages[-1].metrics["loss"]),
         "train_seconds": train_seconds,
         "wall_seconds": time.perf_counter() - start,
+        "peak_memory_mb": peak_memory_mb(device),
         "stage_info": [s.info() for s in stages],
         "torch_version": torch.__version__,
     }
