@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -21,7 +22,6 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
-    field_validator,
     model_validator,
 )
 
@@ -36,6 +36,15 @@ class _Strict(BaseModel):
 
 
 # --------------------------------------------------------------------------- data
+
+
+def _existing_dir(v: Path) -> Path:
+    if not v.is_dir():
+        raise ValueError(f"directory does not exist: {v}")
+    return v
+
+
+ExistingDir = Annotated[Path, AfterValidator(_existing_dir)]
 
 
 class _DataBase(_Strict):
@@ -68,36 +77,22 @@ class ImageFolderData(_DataBase):
     """``path/<split>/<class>/*.jpg|png`` image tree (e.g. the cifar10-jpeg archive, extracted)."""
 
     name: Literal["image_folder"]
-    path: Path
+    path: ExistingDir
     train_split: str = "train"
     test_split: str = "test"
     image_size: PositiveInt | None = Field(None, description="resize to this square size; default: keep")
     max_per_class: PositiveInt | None = Field(None, description="read at most this many images per class and split")
-
-    @field_validator("path")
-    @classmethod
-    def _exists(cls, v: Path) -> Path:
-        if not v.is_dir():
-            raise ValueError(f"directory does not exist: {v}")
-        return v
 
 
 class IdxData(_DataBase):
     """MNIST-style idx files: ``train-images-idx3-ubyte[.gz]`` etc. in one folder."""
 
     name: Literal["idx"]
-    path: Path
+    path: ExistingDir
     train_images: str = "train-images-idx3-ubyte"
     train_labels: str = "train-labels-idx1-ubyte"
     test_images: str = "t10k-images-idx3-ubyte"
     test_labels: str = "t10k-labels-idx1-ubyte"
-
-    @field_validator("path")
-    @classmethod
-    def _exists(cls, v: Path) -> Path:
-        if not v.is_dir():
-            raise ValueError(f"directory does not exist: {v}")
-        return v
 
 
 class SyntheticData(_DataBase):
