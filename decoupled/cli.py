@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
             from .split import describe_split
             from .train import prepare
 
-            dataset = prepare(cfg)
-            _, plans = plan_stages(cfg, dataset)
+            _, dataset = prepare(cfg)
+            _, plans = plan_stages(cfg, dataset)  # the unpinned config: show the costs it balanced
             print(f"{cfg.model.name}, {cfg.split.stages} stages, balanced by {cfg.split.balance}:")
             print(describe_split(plans, cfg.split.balance))
     except ConfigError as err:

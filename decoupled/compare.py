@@ -27,7 +27,7 @@ def compare(config: Config | dict, parent: Path | None = None) -> dict:
     cfg = as_config(config)
     if cfg.compare is None:
         raise ConfigError("compare: the config has no 'compare' section listing the methods to run")
-    dataset = prepare(cfg)
+    cfg, dataset = prepare(cfg)
     configs = [cfg.with_method(m) for m in cfg.compare.methods]  # all validated before the first run starts
     parent = Path(parent) if parent is not None else new_run_dir(cfg.output.dir, cfg.name)
     runs = []

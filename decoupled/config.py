@@ -161,17 +161,28 @@ ModelConfig = Annotated[Union[MLPModel, VGGModel, ResNetModel, DNICNNModel], Fie
 # ------------------------------------------------------------------------ methods
 
 
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # names become directory names: no separators, no '..'
+
+
 class _MethodBase(_Strict):
-    label: str | None = Field(None, description="run name in a comparison; default: the method name")
+    label: str | None = Field(
+        None, pattern=NAME_PATTERN, description="run name in a comparison; default: the method name"
+    )
 
     def display_name(self) -> str:
         return self.label or self.name  # type: ignore[attr-defined]
 
 
 class BackpropMethod(_MethodBase):
-    """End-to-end backprop (E2EBP), the reference."""
+    """End-to-end backprop (E2EBP), the reference, under one of the synchronous schedules (Ray runtime)."""
 
     name: Literal["backprop"]
+    schedule: Literal["single", "naive", "gpipe", "1f1b", "ddp"] | None = Field(
+        None,
+        description="ray runtime: single worker, naive model parallel, GPipe, 1F1B, or data parallel; "
+        "default: naive for several stages, single for one",
+    )
+    microbatches: PositiveInt = Field(4, description="micro-batches per batch for gpipe and 1f1b")
 
 
 class DGLMethod(_MethodBase):
@@ -179,6 +190,10 @@ class DGLMethod(_MethodBase):
 
     name: Literal["dgl"]
     aux_hidden: PositiveInt = Field(128, description="width of the auxiliary head")
+    replay_buffer: NonNegativeInt = Field(
+        0, description="ray runtime: stages draw inputs from the last N upstream outputs (0: off)"
+    )
+    replay_max_reuse: PositiveInt = Field(4, description="times one buffered input may be used")
 
 
 class DNIMethod(_MethodBase):
@@ -193,6 +208,13 @@ class DNIMethod(_MethodBase):
     predictor_kernel_size: PositiveInt = Field(3, description="conv predictors' kernel size")
     predictor_lr: PositiveFloat = 1e-3
     predictor_optimizer: Literal["adam", "sgd"] = "adam"
+    predictor_training: Literal["coordinator", "local"] = Field(
+        "coordinator",
+        description="ray runtime: the coordinator trains the predictors from sampled (h, y, gradient) triples and "
+        "pushes weights; local: each stage trains its own from gradients sent back (single-process DNI)",
+    )
+    predictor_sample_rate: float = Field(1.0, gt=0.0, le=1.0, description="fraction of steps sent to the coordinator")
+    predictor_push_every: PositiveInt = Field(10, description="steps between a stage's requests for fresh weights")
 
 
 class FAMethod(_MethodBase):
@@ -246,7 +268,27 @@ class TrainConfig(_Strict):
     threads: PositiveInt | None = Field(None, description="torch.set_num_threads; default: torch's choice")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: PositiveInt = 10
+    metrics_every_s: PositiveFloat = Field(2.0, description="ray runtime: how often the driver collects stage metrics")
     progress: bool = True
+
+
+class ClusterConfig(_Strict):
+    """Where the Ray runtime runs: an embedded local Ray (default) or an existing cluster."""
+
+    address: str | None = Field(None, description="existing cluster ('auto', 'host:port', 'ray://...'); "
+                                "default: RAY_ADDRESS, else an embedded Ray on this machine")
+    cpus_per_worker: PositiveFloat = Field(1.0, description="Ray CPUs reserved per stage worker")
+    gpus_per_worker: NonNegativeInt | None = Field(None, description="default: 1 where the cluster has GPUs, else 0")
+    strategy: Literal["PACK", "SPREAD"] = "PACK"
+    host: str = Field("127.0.0.1", description="address an embedded Ray listens on")
+    dashboard: bool = False
+
+
+class LinksConfig(_Strict):
+    """Point-to-point links between stage workers."""
+
+    max_in_flight: PositiveInt = Field(2, description="messages queued per link end: how far a fast stage runs ahead")
+    timeout_s: PositiveFloat = Field(120.0, description="longest wait on a peer before the run stops, naming it")
 
 
 class OutputConfig(_Strict):
@@ -267,7 +309,7 @@ class CompareConfig(_Strict):
 
 
 class Config(_Strict):
-    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field("run", pattern=NAME_PATTERN)
     seed: int = 0
     data: DataConfig
     model: ModelConfig
@@ -276,7 +318,11 @@ class Config(_Strict):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
-    runtime: Literal["inprocess"] = "inprocess"
+    runtime: Literal["auto", "inprocess", "ray"] = Field(
+        "auto", description="auto: ray when there is more than one worker (split.stages > 1), else inprocess"
+    )
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    links: LinksConfig = Field(default_factory=LinksConfig)
     compare: CompareConfig | None = None
 
     @model_validator(mode="after")
@@ -290,9 +336,36 @@ class Config(_Strict):
         if b is not None:
             if len(b) != self.split.stages - 1:
                 raise ValueError(f"split.boundaries: needs {self.split.stages - 1} entries for {self.split.stages} stages")
-            if b != sorted(set(b)) or b[-1] >= n:
+            if b != sorted(set(b)) or (b and b[-1] >= n):
                 raise ValueError(f"split.boundaries: must be strictly increasing block indices below {n}")
+        for i, method in enumerate([self.method] + (self.compare.methods if self.compare else [])):
+            self._check_method(method, "method" if i == 0 else f"compare.methods[{i - 1}]")
         return self
+
+    def _check_method(self, method: Any, where: str) -> None:
+        runtime = self.resolved_runtime()
+        if isinstance(method, BackpropMethod) and method.schedule is not None:
+            if runtime == "inprocess":
+                raise ValueError(f"{where}.schedule: '{method.schedule}' needs runtime ray (runtime is inprocess)")
+            if method.schedule in ("naive", "gpipe", "1f1b", "ddp") and self.split.stages < 2:
+                raise ValueError(f"{where}.schedule: '{method.schedule}' needs split.stages >= 2 workers")
+            if method.schedule == "1f1b" and method.microbatches < self.split.stages:
+                raise ValueError(
+                    f"{where}.microbatches: 1f1b needs at least one micro-batch per stage "
+                    f"({method.microbatches} < {self.split.stages})"
+                )
+            if method.schedule in ("gpipe", "1f1b") and self.train.batch_size % method.microbatches:
+                raise ValueError(
+                    f"{where}.microbatches: {method.microbatches} does not divide train.batch_size "
+                    f"{self.train.batch_size}"
+                )
+        if isinstance(method, DGLMethod) and method.replay_buffer and runtime == "inprocess":
+            raise ValueError(f"{where}.replay_buffer: needs runtime ray (in one process no stage waits for another)")
+
+    def resolved_runtime(self) -> str:
+        if self.runtime != "auto":
+            return self.runtime
+        return "ray" if self.split.stages > 1 else "inprocess"
 
     def with_method(self, method: Any) -> "Config":
         """A copy of this config that runs ``method`` (used by ``compare``)."""

@@ -48,23 +48,27 @@ def plan_stages(cfg: Config, dataset: Dataset) -> tuple[list[torch.nn.Module], l
     return blocks, plan_split(blocks, cfg.split, dataset.input_shape, sample)
 
 
-def build_stages(cfg: Config, dataset: Dataset, device: torch.device) -> tuple[list[StagePlan], list[Stage]]:
+def build_stages(
+    cfg: Config, dataset: Dataset, device: torch.device, indices: list[int] | None = None
+) -> tuple[list[StagePlan], list[Stage]]:
+    """All stages (in-process), or only those in ``indices`` (a worker builds just its own)."""
     blocks, plans = plan_stages(cfg, dataset)
+    modules = stage_modules(blocks, plans)
     steps = total_steps(cfg, dataset)
     stages = [
         Stage(
-            plan.index,
+            i,
             len(plans),
-            module,
+            modules[i],
             build_rule(cfg.method),
             cfg.optimizer,
-            input_shape=plan.input_shape,
-            output_shape=plan.output_shape,
+            input_shape=plans[i].input_shape,
+            output_shape=plans[i].output_shape,
             num_classes=dataset.num_classes,
             total_steps=steps,
             seed=cfg.seed,
             device=device,
         )
-        for plan, module in zip(plans, stage_modules(blocks, plans))
+        for i in (range(len(plans)) if indices is None else indices)
     ]
     return plans, stages

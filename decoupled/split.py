@@ -7,6 +7,7 @@ of its slowest stage, so we minimise the largest stage cost over contiguous grou
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from dataclasses import dataclass
@@ -58,10 +59,13 @@ def partition(costs: list[float], k: int) -> list[int]:
 
 
 def block_times(blocks: list[nn.Module], sample: torch.Tensor, repeats: int = 3) -> list[float]:
-    """Median forward+backward seconds of each block on ``sample`` (a training batch)."""
+    """Median forward+backward seconds of each block on ``sample`` (a training batch).
+
+    Timed on copies: a training-mode forward would move the real BatchNorm statistics.
+    """
     times = []
     x = sample
-    for block in blocks:
+    for block in copy.deepcopy(blocks):
         block.train()
         samples = []
         for _ in range(repeats + 1):  # the first run warms up kernels and allocator
@@ -82,11 +86,11 @@ def plan_split(
 ) -> list[StagePlan]:
     """Decide which blocks each of ``cfg.stages`` stages holds."""
     params = [count_parameters(b) for b in blocks]
-    if cfg.balance == "time":
+    if cfg.balance == "time" and cfg.boundaries is None:
         if sample is None:
             raise ValueError("split.balance=time needs a sample batch to time the blocks")
         costs = block_times(blocks, sample)
-    elif cfg.balance == "params":
+    elif cfg.balance in ("params", "time"):  # "time" with fixed boundaries: nothing to balance, no timing
         costs = [float(p) for p in params]
     else:
         costs = [1.0] * len(blocks)

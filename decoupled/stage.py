@@ -84,6 +84,10 @@ class Stage:
         """Backpropagate ``grad`` (or a scalar loss) into this stage's parameters and take an optimizer step."""
         self.optimizer.zero_grad(set_to_none=True)
         tensor.backward(grad)
+        self.optimizer_step()
+
+    def optimizer_step(self) -> None:
+        """One update from the gradients now in ``.grad`` (and one learning-rate schedule step)."""
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()

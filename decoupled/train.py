@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+from torch import nn
 
 from .config import Config, ConfigError, build_config
 from .data import Dataset, load_dataset
 from .metrics import write_json_atomic
-from .pipeline import configure_threads, plan_stages, steps_per_epoch
+from .pipeline import configure_threads, plan_stages, resolve_device, steps_per_epoch
 
 
 def as_config(config: Config | dict) -> Config:
@@ -29,38 +30,56 @@ def new_run_dir(parent: Path, name: str) -> Path:
             path = parent / f"{name}-{n}"
 
 
-def prepare(cfg: Config) -> Dataset:
-    """Load the data and try the model on it before any stage is built or trained.
+def prepare(cfg: Config) -> tuple[Config, Dataset]:
+    """Check everything that can be checked before a stage is built, and fix the split.
 
-    A bad data file, a model that does not fit the data's shape, or a batch larger than
-    the data set is an input error (exit 2), never a crash in the middle of a run.
+    Loads the data and tries the model on it: a bad data file, a model that does not fit
+    the data, a device that is not there or a batch that does not fit is an input error
+    (exit 2), never a crash in the middle of a run. The returned config names the split's
+    boundaries, so every run and every worker uses the same split (a time-balanced split
+    is measured once, here).
     """
     configure_threads(cfg)
+    if cfg.resolved_runtime() == "inprocess":
+        try:
+            resolve_device(cfg.train.device)
+        except RuntimeError as err:
+            raise ConfigError(str(err)) from None
     dataset = load_dataset(cfg.data, cfg.seed)
     if steps_per_epoch(cfg, dataset) == 0:
         raise ConfigError(
             f"train.batch_size: {cfg.train.batch_size} is larger than the {len(dataset.train_y)} training samples"
         )
     try:
-        plan_stages(cfg, dataset)
+        blocks, plans = plan_stages(cfg, dataset)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    return dataset
+    if cfg.train.batch_size < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for b in blocks for m in b.modules()):
+        raise ConfigError("train.batch_size: BatchNorm needs at least 2 samples per batch")
+    data = cfg.model_dump(mode="json")
+    data["split"]["boundaries"] = [p.start for p in plans[1:]]
+    return build_config(data), dataset
 
 
 def train(config: Config | dict, run_dir: Path | None = None, dataset: Dataset | None = None) -> dict:
-    """Train one run and return its summary (also written to ``<run_dir>/summary.json``)."""
+    """Train one run and return its summary (also written to ``<run_dir>/summary.json``).
+
+    ``dataset`` (with a config from ``prepare``) skips the checks: ``compare`` does them once.
+    """
     cfg = as_config(config)
-    dataset = dataset or prepare(cfg)
+    if dataset is None:
+        cfg, dataset = prepare(cfg)
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg.output.dir, cfg.name)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    if cfg.runtime == "inprocess":
+    if cfg.resolved_runtime() == "ray":
+        from .runtime.ray_runtime import train_ray
+
+        summary = train_ray(cfg, run_dir, dataset)
+    else:
         from .runtime.inprocess import train_inprocess
 
         summary = train_inprocess(cfg, run_dir, dataset)
-    else:  # pragma: no cover - the config admits only known runtimes
-        raise ConfigError(f"runtime: unknown runtime {cfg.runtime!r}")
     summary["run_dir"] = str(run_dir)
     write_json_atomic(run_dir / "summary.json", summary)
     return summary

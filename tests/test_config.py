@@ -13,6 +13,7 @@ from decoupled.config import ConfigError, build_config, parse_overrides
 
 BASE = {
     "name": "t",
+    "runtime": "inprocess",
     "data": {"name": "digits"},
     "model": {"name": "mlp", "hidden": [16, 16]},
     "split": {"stages": 2},

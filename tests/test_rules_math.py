@@ -230,13 +230,17 @@ def test_feedback_alignment_updates_match_hand_formula(method):
 
 
 def test_sign_symmetric_feedback_follows_the_current_weight_signs():
+    """Flip W after set-up: the gradient sent upstream must use the new signs, not those seen at attach time."""
     modules, shapes = two_layer_net()
     stage = make_stages(SignSymmetricMethod(name="sign_symmetric"), modules, shapes)[1]
-    layer = stage.module[0]
     with torch.no_grad():
-        layer.weight.neg_()
-    B = stage.rule.feedback_weight(layer, "0")
-    assert torch.equal(torch.sign(B), torch.sign(layer.weight))
+        stage.module[0].weight.neg_()
+    W, b = [p.detach().cpu().clone() for p in stage.module.parameters()]
+    magnitudes = stage.rule.extra["feedback"].get_buffer("0").cpu()
+    h, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    grad = stage.step(h, y).feedback.cpu()
+    e = output_error(h @ W.T + b, y)
+    torch.testing.assert_close(grad, e @ (magnitudes * torch.sign(W)))
 
 
 def test_direct_feedback_alignment_updates_match_hand_formula():
@@ -283,3 +287,37 @@ def test_feedback_alignment_conv_stage_passes_the_feedback_gradient_upstream():
     B = stages[1].rule.extra["feedback"].get_buffer("1").cpu()
     e = output_error(modules[1](x).detach(), y)
     torch.testing.assert_close(grad, (e @ B).view_as(x))
+
+
+def test_dfa_with_several_forwards_pending_uses_each_forwards_own_weights():
+    """Two forwards before any error returns (a pipelined stage): each update is that of its own forward."""
+    modules, shapes = two_layer_net()
+    x1, y1 = batch()
+    x2, y2 = x1.flip(0) * 0.5, y1.flip(0)
+    stage = make_stages(DFAMethod(name="dfa"), modules, shapes)[0]
+    W0, b0 = [p.detach().cpu().clone() for p in stage.module.parameters()]
+    C = stage.rule.extra["projection"].matrix.cpu()
+    e1, e2 = torch.randn(8, 3) / 8, torch.randn(8, 3) / 8
+    stage.step(x1, y1)
+    stage.step(x2, y2)  # before the first error: both forwards use W0
+    stage.apply(e1)
+    stage.apply(e2)
+    a1, a2 = torch.tanh(x1 @ W0.T + b0), torch.tanh(x2 @ W0.T + b0)
+    d1, d2 = (e1 @ C) * tanh_prime(a1), (e2 @ C) * tanh_prime(a2)
+    W_expected = W0 - LR * d1.T @ x1 - LR * d2.T @ x2  # plain SGD: the two updates add up
+    b_expected = b0 - LR * d1.sum(0) - LR * d2.sum(0)
+    assert_params_close(stage_params([stage]), [[W_expected, b_expected]])
+
+
+def test_cosine_schedule_steps_once_per_update():
+    modules, shapes = three_layer_net()
+    cfg = OptimizerConfig(name="sgd", lr=0.1, momentum=0.0, weight_decay=0.0, schedule="cosine")
+    stages = [
+        Stage(k, 3, copy.deepcopy(m), build_rule(BackpropMethod(name="backprop")), cfg, input_shape=shapes[k],
+              output_shape=shapes[k + 1], num_classes=3, total_steps=8, device=DEVICE)
+        for k, m in enumerate(modules)
+    ]
+    for _ in range(4):
+        train_batch(stages, *batch())
+    for stage in stages:  # half-way through an 8-step cosine: lr = 0.1 * (1 + cos(pi/2)) / 2
+        assert stage.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)

@@ -18,6 +18,7 @@ RULES = ["backprop", "dgl", "dni", "fa", "sign_symmetric", "dfa"]
 def digits_config(tmp_path, **overrides) -> dict:
     cfg = {
         "name": "digits",
+        "runtime": "inprocess",
         "data": {"name": "digits"},
         "model": {"name": "mlp", "hidden": [64, 64]},
         "split": {"stages": 3},

@@ -4,6 +4,11 @@ The last stage computes the output error e = dL/dlogits and sends it to every st
 Stage k takes e C_k, C_k a fixed random matrix from the classes to its output, as the
 gradient of its output and backpropagates that inside the stage. Every stage updates
 as soon as the error is known, without waiting for the stages between.
+
+A stage keeps forwarding while errors are on their way, so several forward passes can
+be pending when an update lands. Each forward therefore runs on a copy of the weights
+(weight stashing, as in PipeDream): the later backward sees the weights its forward used,
+and the update still goes to the live parameters.
 """
 
 from __future__ import annotations
@@ -33,10 +38,16 @@ class DirectFeedbackAlignmentRule(Rule):
     def step(self, stage, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         if stage.is_last:
             return self._last_stage_step(stage, x, y, send="output_error")
-        return self._forward_and_hold(stage, x, needs_input_grad=False)
+        weights = {n: p.detach().clone().requires_grad_(True) for n, p in stage.module.named_parameters()}
+        h = torch.func.functional_call(stage.module, weights, (x.detach(),))
+        self._pending.append((weights, h))
+        return StepResult(output=h.detach())
 
     def apply(self, stage, signal: torch.Tensor) -> None:
-        _, h = self._pop_pending(stage)
+        weights, h = self._pop_pending(stage)
         grad = (signal @ self.extra["projection"].matrix).view_as(h)
-        stage.backward_and_step(h, grad)
+        grads = torch.autograd.grad(h, list(weights.values()), grad, allow_unused=True)
+        for param, g in zip(stage.module.parameters(), grads):
+            param.grad = g
+        stage.optimizer_step()
         return None
