@@ -1,0 +1,196 @@
+"""Links: bounded point-to-point channels between stage processes over torch.distributed.
+
+One link moves messages one way between two ranks. The sender's main loop hands a
+message to a background thread (``send`` returns at once unless ``max_in_flight``
+messages are already queued: that is what throttles a fast stage); the receiver's
+background thread posts ``recv`` calls (gloo's ``irecv`` cannot be polled) and queues
+what arrives, again at most ``max_in_flight``. Every wait has a timeout whose error
+names the link, the peer and the step.
+
+Wire format of one message: a header ``int64[3] = (kind, step, batch)``, then, for
+data, the labels ``int64[batch]`` (if the link carries labels) and the tensor
+``[batch, *shape]``. Each link has its own process group, so links between the same
+pair of ranks (activations forward, gradients backward) never mix their messages.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+# Message kinds. DATA and EVAL carry tensors; the others are markers.
+DATA, STOP, EPOCH_END, EVAL, EVAL_END = 0, 1, 2, 3, 4
+
+
+class LinkTimeout(TimeoutError):
+    """A peer did not send or receive within the configured time."""
+
+
+class LinkClosed(RuntimeError):
+    """The link's background thread died (peer gone, process group destroyed)."""
+
+
+@dataclass
+class Message:
+    kind: int
+    step: int
+    tensor: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+
+
+class _Link:
+    def __init__(self, name: str, peer: int, group, max_in_flight: int, timeout_s: float) -> None:
+        self.name, self.peer, self.group, self.timeout_s = name, peer, group, timeout_s
+        self.queue: queue.Queue = queue.Queue(maxsize=max_in_flight)
+        self.error: BaseException | None = None
+        self.last_step = -1
+
+    @property
+    def depth(self) -> int:
+        """Messages queued on this side now."""
+        return self.queue.qsize()
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise LinkClosed(f"link {self.name} (peer rank {self.peer}) failed: {self.error!r}") from self.error
+
+
+class SendLink(_Link):
+    def __init__(
+        self, name: str, peer: int, group, max_in_flight: int, timeout_s: float, device: torch.device | str = "cpu"
+    ) -> None:
+        super().__init__(name, peer, group, max_in_flight, timeout_s)
+        self.device = torch.device(device)  # NCCL sends only device tensors: headers go there too
+        self._thread = threading.Thread(target=self._run, name=f"send-{name}", daemon=True)
+        self._thread.start()
+
+    def send(self, step: int, tensor: torch.Tensor, labels: torch.Tensor | None = None, kind: int = DATA) -> float:
+        """Queue a message; returns the seconds spent waiting for room (0 unless ``max_in_flight`` are queued)."""
+        return self._put(Message(kind, step, tensor.detach(), None if labels is None else labels.detach()))
+
+    def mark(self, kind: int, step: int) -> float:
+        """Queue a marker (EPOCH_END, EVAL_END) after the messages already queued."""
+        return self._put(Message(kind, step))
+
+    def close(self, step: int = -1) -> None:
+        """Send STOP after everything queued, and wait until it is out."""
+        self._put(Message(STOP, step))
+        self._thread.join(self.timeout_s)
+        if self._thread.is_alive():
+            raise LinkTimeout(f"link {self.name}: rank {self.peer} did not take the stop message within {self.timeout_s:.0f} s")
+        self._check()
+
+    def _put(self, message: Message) -> float:
+        self._check()
+        start = time.perf_counter()
+        try:
+            self.queue.put(message, timeout=self.timeout_s)
+        except queue.Full:
+            raise LinkTimeout(
+                f"link {self.name}, step {message.step}: rank {self.peer} took nothing for {self.timeout_s:.0f} s "
+                f"({self.depth} messages waiting)"
+            ) from None
+        return time.perf_counter() - start
+
+    def _run(self) -> None:
+        try:
+            while True:
+                m = self.queue.get()
+                batch = 0 if m.tensor is None else m.tensor.shape[0]
+                dist.send(torch.tensor([m.kind, m.step, batch], dtype=torch.int64, device=self.device),
+                          self.peer, group=self.group)
+                if m.kind == STOP:
+                    return
+                if m.tensor is None:
+                    continue
+                if m.labels is not None:
+                    dist.send(m.labels.contiguous(), self.peer, group=self.group)
+                dist.send(m.tensor.contiguous(), self.peer, group=self.group)
+                self.last_step = m.step
+        except BaseException as err:  # reported to the main loop at its next send
+            self.error = err
+
+
+class RecvLink(_Link):
+    def __init__(
+        self,
+        name: str,
+        peer: int,
+        group,
+        max_in_flight: int,
+        timeout_s: float,
+        shape: tuple[int, ...],
+        dtype: torch.dtype = torch.float32,
+        labels: bool = False,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__(name, peer, group, max_in_flight, timeout_s)
+        self.shape, self.dtype, self.labels, self.device = tuple(shape), dtype, labels, torch.device(device)
+        self._thread = threading.Thread(target=self._run, name=f"recv-{name}", daemon=True)
+        self._thread.start()
+
+    def recv(self, step: int | None = None, timeout_s: float | None = None) -> Message:
+        """The next message; waits at most the link's timeout. ``step`` only names the wait in errors."""
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        try:
+            return self.queue.get(timeout=timeout)
+        except queue.Empty:
+            self._check()
+            at = f", step {step}" if step is not None else ""
+            raise LinkTimeout(
+                f"link {self.name}{at}: nothing from rank {self.peer} within {timeout:.0f} s "
+                f"(last message: step {self.last_step})"
+            ) from None
+
+    def poll(self) -> Message | None:
+        """The next message if one is already here, else None."""
+        self._check()
+        try:
+            return self.queue.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _run(self) -> None:
+        try:
+            while True:
+                header = torch.empty(3, dtype=torch.int64, device=self.device)
+                dist.recv(header, self.peer, group=self.group)
+                kind, step, batch = (int(v) for v in header.tolist())
+                if batch == 0:  # a marker
+                    self.queue.put(Message(kind, step))
+                    if kind == STOP:
+                        return
+                    continue
+                labels = None
+                if self.labels:
+                    labels = torch.empty(batch, dtype=torch.int64, device=self.device)
+                    dist.recv(labels, self.peer, group=self.group)
+                tensor = torch.empty(batch, *self.shape, dtype=self.dtype, device=self.device)
+                dist.recv(tensor, self.peer, group=self.group)
+                self.last_step = step
+                self.queue.put(Message(kind, step, tensor, labels))  # blocks when full: back-pressure to the sender
+        except BaseException as err:
+            self.error = err
+
+
+def link_groups(world_size: int, backend: str | None = None) -> dict[tuple[str, int], object]:
+    """One process group per link, created in the same order on every rank (torch requires that).
+
+    ``("fwd", k)``: activations k -> k+1; ``("bwd", k)``: gradients k+1 -> k;
+    ``("err", k)``: the output error from the last stage to stage k (dfa);
+    ``("labels", 0)``: labels from stage 0 to the last stage (pipelined E2EBP schedules).
+    """
+    groups = {}
+    last = world_size - 1
+    for k in range(last):
+        groups[("fwd", k)] = dist.new_group([k, k + 1], backend=backend)
+        groups[("bwd", k)] = dist.new_group([k, k + 1], backend=backend)
+        groups[("err", k)] = dist.new_group([k, last], backend=backend)
+    if last > 0:
+        groups[("labels", 0)] = dist.new_group([0, last], backend=backend)
+    return groups

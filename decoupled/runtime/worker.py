@@ -1,0 +1,541 @@
+"""One stage's process in the Ray runtime: its Stage, its links, and the loop its rule needs.
+
+The worker learns nothing itself: ``Stage.step`` and ``Stage.apply`` (the same code as
+in-process) do. What the worker adds is *when* things happen, so that no stage waits on
+a later one unless its rule needs it:
+
+- ``dgl``: step, send on, next batch (optionally fed from a replay buffer);
+- ``dni``: step with the predicted gradient, send on; send (h, y, dL/dh) samples to the
+  coordinator (or, ``predictor_training: local``, the gradient back upstream); pick up
+  fresh predictor weights when they are there, never waiting for them;
+- ``dfa``: step, send on; apply the output errors as they come back, holding at most
+  ``max_in_flight`` graphs;
+- ``backprop`` (naive), ``fa``, ``sign_symmetric``: wait for the gradient of each batch;
+- ``backprop`` with ``gpipe``/``1f1b``/``ddp``/``single``: the synchronous schedules.
+
+Time is accounted per stage as compute, waiting for input, waiting to send and waiting
+for feedback; the driver turns it into fractions.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import resource
+import socket
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ..config import Config, build_config
+from ..data import Dataset, iterate_batches
+from ..pipeline import build_stages, steps_per_epoch, total_steps
+from ..rules import Feedback
+from .links import DATA, EPOCH_END, EVAL, EVAL_END, STOP, RecvLink, SendLink, link_groups
+from .replay import ReplayBuffer
+
+
+def execution_mode(cfg: Config) -> str:
+    """``decoupled`` for the local rules, else the E2EBP schedule (naive also serves fa/sign_symmetric)."""
+    if cfg.method.name == "backprop":
+        return cfg.method.schedule or ("naive" if cfg.split.stages > 1 else "single")
+    if cfg.method.name in ("fa", "sign_symmetric"):
+        return "naive"
+    return "decoupled"
+
+
+def single_stage(cfg: Config) -> Config:
+    """The same config with the whole model in one stage (single-worker and data-parallel baselines)."""
+    data = cfg.model_dump(mode="json")
+    data["split"] = {"stages": 1, "balance": cfg.split.balance}
+    data["runtime"] = "ray"
+    data["method"]["schedule"] = None  # the schedule is the worker's business; the stage just does backprop
+    data["compare"] = None
+    return build_config(data)
+
+
+class StageWorker:
+    """Runs inside a Ray actor (see ray_runtime.py); one per stage."""
+
+    def __init__(self, rank: int, world_size: int, threads: int | None) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.rank, self.world_size = rank, world_size
+        self.groups: dict = {}
+        self.links: dict[str, object] = {}
+        self.stats: dict = {}
+
+    # ------------------------------------------------------------------ set-up
+
+    def where(self) -> dict:
+        gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
+        return {"pid": os.getpid(), "node": socket.gethostname(), "ip": _node_ip(), "gpus": gpus}
+
+    def free_port(self) -> int:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
+
+    def init_process_group(self, address: str, port: int, backend: str, timeout_s: float) -> None:
+        dist.init_process_group(
+            backend, init_method=f"tcp://{address}:{port}", rank=self.rank, world_size=self.world_size,
+            timeout=timedelta(seconds=timeout_s),
+        )
+        self.groups = link_groups(self.world_size)
+
+    def setup_run(self, cfg_data: dict, dataset: Dataset, coordinator=None) -> dict:
+        """Build this worker's stage for one run and open the links its mode needs."""
+        self.cfg = cfg = build_config(cfg_data)
+        self.mode = execution_mode(cfg)
+        self.device = _device(cfg)
+        self.dataset = dataset
+        self.coordinator = coordinator
+        self.active = self.mode not in ("single",) or self.rank == 0
+        self.step_count = 0
+        self.generator = torch.Generator().manual_seed(cfg.seed)  # the same batch order as in-process
+        self.rng = random.Random(cfg.seed * 7919 + self.rank)  # which steps DNI samples to the coordinator
+        self.stats = _new_stats()
+        self.outstanding: list = []  # coordinator submissions not yet done (bounded: never wait for them)
+        self.weights_ref = None
+        self.predictor_version = 0
+        if not self.active:
+            return self.where()
+        stage_cfg = single_stage(cfg) if self.mode in ("single", "ddp") else cfg
+        index = 0 if self.mode in ("single", "ddp") else self.rank
+        self.plans, (self.stage,) = build_stages(stage_cfg, dataset, self.device, [index])
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._open_links()
+        if self.mode in ("gpipe", "1f1b"):
+            from .schedules import PipelineSchedule
+
+            self.schedule = PipelineSchedule(self.mode, self.stage, cfg.method.microbatches, cfg.train.batch_size)
+        elif self.mode == "ddp":
+            from .schedules import DataParallel
+
+            self.schedule = DataParallel(self.stage)
+        if cfg.method.name == "dni" and not self.stage.is_last:
+            local = cfg.method.predictor_training == "local"
+            self.stage.rule.train_predictor_locally = local
+            if not local:
+                import ray
+
+                predictor = self.stage.rule.extra["predictor"]
+                state = {k: v.cpu() for k, v in predictor.state_dict().items()}
+                hidden = cfg.method.predictor_hidden or self.stage.output_shape[0]
+                ray.get(coordinator.register.remote(self.stage.index, self.stage.output_shape, hidden, state),
+                        timeout=cfg.links.timeout_s)
+        self.replay = None
+        if cfg.method.name == "dgl" and cfg.method.replay_buffer and self.rank > 0:
+            self.replay = ReplayBuffer(cfg.method.replay_buffer, cfg.method.replay_max_reuse)
+        return {**self.where(), "device": _describe(self.device), "index": self.rank}
+
+    def _open_links(self) -> None:
+        cfg, k, last = self.cfg, self.rank, self.world_size - 1
+        m, t, dev = cfg.links.max_in_flight, cfg.links.timeout_s, self.device
+        if self.mode in ("single", "ddp"):
+            return
+        plan = self.plans[k]
+        feedback = self.stage.rule.feedback
+        backward = self.mode == "naive" or (
+            feedback is Feedback.PREDICTOR_TARGET and cfg.method.predictor_training == "local"
+        )
+        links: dict[str, object] = {}
+        if k > 0:
+            links["fwd_in"] = RecvLink(f"stage{k - 1}->stage{k}", k - 1, self.groups[("fwd", k - 1)], m, t,
+                                       plan.input_shape, labels=True, device=dev)
+        if k < last:
+            links["fwd_out"] = SendLink(f"stage{k}->stage{k + 1}", k + 1, self.groups[("fwd", k)], m, t, dev)
+        if backward and k < last:
+            links["bwd_in"] = RecvLink(f"stage{k + 1}->stage{k} (gradient)", k + 1, self.groups[("bwd", k)], m, t,
+                                       plan.output_shape, device=dev)
+        if backward and k > 0:
+            links["bwd_out"] = SendLink(f"stage{k}->stage{k - 1} (gradient)", k - 1, self.groups[("bwd", k - 1)],
+                                        m, t, dev)
+        if feedback is Feedback.OUTPUT_ERROR and self.mode == "decoupled":
+            classes = (self.dataset.num_classes,)
+            if k == last:
+                for j in range(last):
+                    links[f"err_out{j}"] = SendLink(f"stage{last}->stage{j} (error)", j, self.groups[("err", j)],
+                                                    m, t, dev)
+            else:
+                links["err_in"] = RecvLink(f"stage{last}->stage{k} (error)", last, self.groups[("err", k)], m, t,
+                                           classes, device=dev)
+        if self.mode in ("gpipe", "1f1b") and k in (0, last):
+            group = self.groups[("labels", 0)]
+            links["labels"] = (SendLink("labels stage0->last", last, group, m, t, dev) if k == 0 else
+                               RecvLink("labels stage0->last", 0, group, m, t, (), torch.int64, device=dev))
+        self.links = links
+
+    def teardown_run(self) -> None:
+        """Stop every link (STOP goes out on each send link; receive threads end on the peer's STOP)."""
+        for link in self.links.values():
+            if isinstance(link, SendLink):
+                link.close()
+        for link in self.links.values():
+            if isinstance(link, RecvLink):
+                msg = link.recv(timeout_s=self.cfg.links.timeout_s)
+                while msg.kind != STOP:
+                    msg = link.recv(timeout_s=self.cfg.links.timeout_s)
+        self.links = {}
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # ---------------------------------------------------------------- metrics
+
+    def metrics(self) -> dict:
+        """A snapshot of this stage's counters (read while the stage trains: the actor is threaded)."""
+        snap = dict(self.stats)
+        if not self.active:
+            return snap
+        snap["queue_depth"] = self.links["fwd_in"].depth if "fwd_in" in self.links else 0
+        snap["stage_metrics"] = {k: float(v) for k, v in list(self.stage.metrics.items())}
+        snap["predictor_version"] = self.predictor_version
+        snap["peak_memory_mb"] = _peak_memory_mb(self.device)
+        return snap
+
+    def state(self) -> dict:
+        return {k: _to_cpu(v) for k, v in self.stage.state_dict().items()} if self.active else {}
+
+    # ---------------------------------------------------------------- training
+
+    def train_epoch(self, epoch: int) -> dict:
+        """Run one epoch; returns this stage's timings for the driver's throughput figure."""
+        if not self.active:
+            return {}
+        self.stats["epoch_first"] = None
+        steps = self._epoch_steps()
+        if self.mode == "decoupled" or self.mode == "naive":
+            self._train_pipeline(steps)
+        elif self.mode in ("gpipe", "1f1b"):
+            self._train_schedule(steps)
+        else:  # single, ddp
+            self._train_local(steps)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.stats["epoch_end"] = time.time()
+        return dict(self.stats)
+
+    def _epoch_steps(self) -> int:
+        """Batches stage 0 draws this epoch: the same count on every worker."""
+        per_epoch = steps_per_epoch(self.cfg, self.dataset)
+        if self.mode == "ddp":
+            per_epoch = len(self.dataset.train_y) // self.world_size // self.cfg.train.batch_size
+        remaining = total_steps(self.cfg, self.dataset) - self.step_count
+        return max(0, min(per_epoch, remaining))
+
+    def _loader(self, steps: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Stage 0's batches (data-parallel workers: their shard of each epoch's permutation)."""
+        d, bs = self.dataset, self.cfg.train.batch_size
+        x, y = d.train_x, d.train_y
+        if self.mode == "ddp":
+            order = torch.randperm(len(y), generator=self.generator)[self.rank :: self.world_size]
+            x, y = x[order], y[order]
+        batches = iterate_batches(x, y, bs, shuffle=self.mode != "ddp", generator=self.generator,
+                                  augment=d.augment, drop_last=True)
+        for _, (xb, yb) in zip(range(steps), batches):
+            yield self.step_count, xb.to(self.device), yb.to(self.device)
+            self.step_count += 1
+
+    def _timed(self, key: str, start: float) -> float:
+        now = time.perf_counter()
+        self.stats[key] += now - start
+        return now
+
+    def _count_step(self, step: int, samples: int) -> None:
+        """Count a finished step; steps from ``warmup_steps`` on count toward throughput."""
+        s = self.stats
+        s["steps"] += 1
+        s["samples"] += samples
+        if step >= min(self.cfg.train.warmup_steps, total_steps(self.cfg, self.dataset) - 1):
+            if s["epoch_first"] is None:
+                s["epoch_first"] = s["step_started"]
+            s["timed_samples"] += samples
+
+    def _inputs(self, steps: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """This stage's training inputs for one epoch, with the time spent waiting for them."""
+        if self.rank == 0:
+            t = time.perf_counter()
+            for step, x, y in self._loader(steps):
+                t = self._timed("wait_input_s", t)
+                self.stats["step_started"] = time.time()
+                yield step, x, y
+                t = time.perf_counter()
+            return
+        link = self.links["fwd_in"]
+        while True:
+            t = time.perf_counter()
+            msg = self._next_input(link)
+            self._timed("wait_input_s", t)
+            if msg is None:
+                return
+            self.stats["step_started"] = time.time()
+            yield msg
+
+    def _next_input(self, link) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+        """The next (step, x, y), from the link or the replay buffer; None at the epoch's end."""
+        if self.replay is None:
+            msg = link.recv(step=self.stats["steps"])
+            if msg.kind == EPOCH_END:
+                return None
+            _expect(msg.kind, DATA, self.rank)
+            return msg.step, msg.tensor, msg.labels
+        while True:
+            while (msg := link.poll()) is not None:  # everything fresh goes into the buffer first
+                if msg.kind == EPOCH_END:
+                    return None
+                _expect(msg.kind, DATA, self.rank)
+                self.replay.add((msg.step, msg.tensor, msg.labels))
+            taken = self.replay.take()
+            if taken is not None:
+                item, used_before = taken
+                self.stats["replayed_steps"] += used_before > 0
+                return item
+            msg = link.recv(step=self.stats["steps"])  # all used up: wait for something new
+            if msg.kind == EPOCH_END:
+                return None
+            _expect(msg.kind, DATA, self.rank)
+            self.replay.add((msg.step, msg.tensor, msg.labels))
+
+    def _train_pipeline(self, steps: int) -> None:
+        stage, links, last = self.stage, self.links, self.stage.is_last
+        feedback = stage.rule.feedback
+        pending = 0  # forward passes still waiting for their feedback (dfa, local dni)
+        step = -1
+        for step, x, y in self._inputs(steps):
+            t = time.perf_counter()
+            result = stage.step(x, y)
+            t = self._timed("compute_s", t)
+            if not last:
+                self.stats["wait_send_s"] += links["fwd_out"].send(step, result.output, y)
+            self._count_step(step, x.shape[0])
+            if self.mode == "naive":
+                self._naive_backward(step, result)
+            elif feedback is Feedback.OUTPUT_ERROR:
+                pending = self._dfa_feedback(step, result, pending)
+            elif feedback is Feedback.PREDICTOR_TARGET:
+                pending = self._dni_feedback(step, x, y, result, pending)
+        # the epoch's end: apply what is still owed, then tell the next stage
+        while pending:
+            pending = self._drain_feedback(pending, block=True)
+        if not last:
+            links["fwd_out"].mark(EPOCH_END, step)
+
+    def _naive_backward(self, step: int, result) -> None:
+        links = self.links
+        if self.stage.is_last:
+            self.stats["wait_send_s"] += links["bwd_out"].send(step, result.feedback)
+            return
+        t = time.perf_counter()
+        msg = links["bwd_in"].recv(step=step)
+        t = self._timed("wait_feedback_s", t)
+        grad = self.stage.apply(msg.tensor)
+        self._timed("compute_s", t)
+        if "bwd_out" in links:
+            self.stats["wait_send_s"] += links["bwd_out"].send(step, grad)
+
+    def _dfa_feedback(self, step: int, result, pending: int) -> int:
+        if self.stage.is_last:
+            for name, link in self.links.items():
+                if name.startswith("err_out"):
+                    self.stats["wait_send_s"] += link.send(step, result.feedback)
+            return 0
+        return self._drain_feedback(pending + 1, block=False)
+
+    def _dni_feedback(self, step: int, x: torch.Tensor, y: torch.Tensor, result, pending: int) -> int:
+        cfg, k = self.cfg.method, self.stage.index
+        if k > 0:  # our input gradient is predictor k-1's training target
+            if cfg.predictor_training == "local":
+                self.stats["wait_send_s"] += self.links["bwd_out"].send(step, result.feedback)
+            elif self.rng.random() < cfg.predictor_sample_rate:
+                self._submit_sample(k - 1, x, y, result.feedback)
+        if self.stage.is_last:
+            return 0
+        if cfg.predictor_training == "local":
+            return self._drain_feedback(pending + 1, block=False)
+        if self.stats["steps"] % cfg.predictor_push_every == 0 or self.weights_ref is not None:
+            self._pick_up_predictor()
+        return 0
+
+    def _drain_feedback(self, pending: int, block: bool) -> int:
+        """Apply arrived feedback; wait only while more than ``max_in_flight`` graphs are held (or ``block``)."""
+        link = self.links.get("err_in") or self.links["bwd_in"]
+        bound = self.cfg.links.max_in_flight
+        while pending:
+            must_wait = block or pending > bound
+            t = time.perf_counter()
+            msg = link.recv(step=self.stats["steps"]) if must_wait else link.poll()
+            t = self._timed("wait_feedback_s", t)
+            if msg is None:
+                break
+            _expect(msg.kind, DATA, self.rank)
+            self.stage.apply(msg.tensor)
+            self._timed("compute_s", t)
+            pending -= 1
+        return pending
+
+    # ------------------------------------------------------- DNI coordinator
+
+    def _submit_sample(self, boundary: int, h: torch.Tensor, y: torch.Tensor, grad: torch.Tensor) -> None:
+        """Send a (h, y, dL/dh) triple to the coordinator; drop it if earlier ones are still queued."""
+        import ray
+
+        if self.outstanding:
+            _, self.outstanding = ray.wait(self.outstanding, num_returns=len(self.outstanding), timeout=0)
+        if len(self.outstanding) >= self.cfg.links.max_in_flight:
+            self.stats["dropped_samples"] += 1
+            return
+        self.outstanding.append(self.coordinator.submit.remote(boundary, h.cpu(), y.cpu(), grad.cpu()))
+        self.stats["sent_samples"] += 1
+
+    def _pick_up_predictor(self) -> None:
+        """Ask for fresh weights, or load them if an earlier request has come back; never wait."""
+        import ray
+
+        if self.weights_ref is None:
+            self.weights_ref = self.coordinator.weights.remote(self.stage.index, self.predictor_version)
+            return
+        ready, _ = ray.wait([self.weights_ref], timeout=0)
+        if not ready:
+            return
+        reply = ray.get(self.weights_ref)
+        self.weights_ref = None
+        if reply is not None:
+            version, state = reply
+            self.stage.rule.extra["predictor"].load_state_dict(state)
+            self.predictor_version = version
+            self.stats["predictor_loads"] += 1
+
+    # ----------------------------------------------------- E2EBP schedules
+
+    def _train_schedule(self, steps: int) -> None:
+        """GPipe / 1F1B: every worker runs the same number of steps; labels go from stage 0 to the last."""
+        k, last = self.rank, self.world_size - 1
+        source = self._loader(steps) if k == 0 else ((self.step_count + i, None, None) for i in range(steps))
+        t = time.perf_counter()
+        for step, x, y in source:
+            if k == 0:
+                self.stats["wait_send_s"] += self.links["labels"].send(step, y)
+            elif k == last:
+                y = self.links["labels"].recv(step=step).tensor
+            self.stats["step_started"] = time.time()
+            t = self._timed("wait_input_s", t)
+            loss = self.schedule.step(x, y)
+            t = self._timed("compute_s", t)
+            if k != 0:
+                self.step_count += 1
+            if loss is not None:
+                self.stage.metrics["loss"] = loss
+            self._count_step(step, self.cfg.train.batch_size)
+
+    def _train_local(self, steps: int) -> None:
+        """The whole model on this worker: single-worker baseline, or one data-parallel replica."""
+        t = time.perf_counter()
+        for step, x, y in self._loader(steps):
+            self.stats["step_started"] = time.time()
+            t = self._timed("wait_input_s", t)
+            if self.mode == "ddp":
+                self.schedule.step(x, y)
+            else:
+                self.stage.step(x, y)
+            t = self._timed("compute_s", t)
+            self._count_step(step, x.shape[0])
+
+    # -------------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Test-set pass through the pipeline: correct counts of the final output and of each local classifier."""
+        if not self.active or (self.mode == "ddp" and self.rank != 0):
+            return {}
+        stage, d = self.stage, self.dataset
+        stage.eval()
+        correct = aux_correct = count = 0
+        whole_model = self.mode in ("single", "ddp")
+        if self.rank == 0:
+            batches = ((0, x.to(self.device), y.to(self.device))
+                       for x, y in iterate_batches(d.test_x, d.test_y, self.cfg.train.eval_batch_size, shuffle=False))
+        else:
+            batches = self._eval_inputs()
+        for step, x, y in batches:
+            h, aux = stage.predict(x)
+            if stage.is_last or whole_model:
+                correct += int((h.argmax(1) == y).sum())
+            elif aux is not None:
+                aux_correct += int((aux.argmax(1) == y).sum())
+            if not (stage.is_last or whole_model):
+                self.links["fwd_out"].send(step, h, y, kind=EVAL)
+            count += y.shape[0]
+        if not (stage.is_last or whole_model):
+            self.links["fwd_out"].mark(EVAL_END, 0)
+        stage.train()
+        return {"index": self.rank, "correct": correct, "aux_correct": aux_correct, "count": count,
+                "is_last": stage.is_last or whole_model}
+
+    def _eval_inputs(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        link = self.links["fwd_in"]
+        while True:
+            msg = link.recv()
+            if msg.kind == EVAL_END:
+                return
+            _expect(msg.kind, EVAL, self.rank)
+            yield msg.step, msg.tensor, msg.labels
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _new_stats() -> dict:
+    return {
+        "steps": 0, "samples": 0, "timed_samples": 0, "compute_s": 0.0, "wait_input_s": 0.0, "wait_send_s": 0.0,
+        "wait_feedback_s": 0.0, "replayed_steps": 0, "sent_samples": 0, "dropped_samples": 0, "predictor_loads": 0,
+        "epoch_first": None, "epoch_end": None, "step_started": None,
+    }
+
+
+def _expect(kind: int, wanted: int, rank: int) -> None:
+    if kind != wanted:
+        names = {DATA: "DATA", STOP: "STOP", EPOCH_END: "EPOCH_END", EVAL: "EVAL", EVAL_END: "EVAL_END"}
+        raise RuntimeError(f"stage {rank}: expected a {names[wanted]} message, got {names.get(kind, kind)}")
+
+
+def _device(cfg: Config) -> torch.device:
+    if torch.cuda.is_available() and cfg.train.device in ("auto", "cuda"):
+        return torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to this worker's GPU
+    if cfg.train.device == "cuda":
+        raise RuntimeError(f"train.device: cuda requested but worker pid {os.getpid()} sees no GPU")
+    return torch.device("cpu")
+
+
+def _describe(device: torch.device) -> str:
+    return f"cuda:0 ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
+
+
+def _node_ip() -> str:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:  # outside Ray (tests)
+        return "127.0.0.1"
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_cpu(v) for v in value]
+    return value
