@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
 from .config import Config, ConfigError
 from .metrics import write_json_atomic
 from .train import as_config, prepare, new_run_dir, train
+
+
+def _ray_workers(cfg: Config):
+    from .runtime.ray_runtime import RayWorkers
+
+    return RayWorkers(cfg)
 
 
 def comparison_table(runs: list[dict]) -> str:
@@ -31,12 +38,15 @@ def compare(config: Config | dict, parent: Path | None = None) -> dict:
     configs = [cfg.with_method(m) for m in cfg.compare.methods]  # all validated before the first run starts
     parent = Path(parent) if parent is not None else new_run_dir(cfg.output.dir, cfg.name)
     runs = []
-    for method, run_cfg in zip(cfg.compare.methods, configs):
-        runs.append(train(run_cfg, parent / method.display_name(), dataset))
-        if cfg.train.progress:
-            r = runs[-1]
-            print(f"{r['label']}: test accuracy {r['test_accuracy']:.4f}, {r['samples_per_sec']:.0f} samples/s, "
-                  f"{r['wall_seconds']:.1f} s", file=sys.stderr, flush=True)
+    # One set of Ray workers for every run: the methods are measured on the same processes and bundles.
+    on_ray = any(c.resolved_runtime() == "ray" for c in configs)
+    with _ray_workers(cfg) if on_ray else contextlib.nullcontext() as workers:
+        for method, run_cfg in zip(cfg.compare.methods, configs):
+            runs.append(train(run_cfg, parent / method.display_name(), dataset, workers))
+            if cfg.train.progress:
+                r = runs[-1]
+                print(f"{r['label']}: test accuracy {r['test_accuracy']:.4f}, {r['samples_per_sec']:.0f} samples/s, "
+                      f"{r['wall_seconds']:.1f} s", file=sys.stderr, flush=True)
     baselines = [r for r in runs if r["method"] == "backprop"]
     for r in runs:
         r["speed_ratio"] = {b["label"]: r["samples_per_sec"] / b["samples_per_sec"] for b in baselines}

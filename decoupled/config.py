@@ -214,7 +214,10 @@ class DNIMethod(_MethodBase):
         "pushes weights; local: each stage trains its own from gradients sent back (single-process DNI)",
     )
     predictor_sample_rate: float = Field(1.0, gt=0.0, le=1.0, description="fraction of steps sent to the coordinator")
-    predictor_push_every: PositiveInt = Field(10, description="steps between a stage's requests for fresh weights")
+    predictor_push_every: PositiveInt = Field(2, description="steps between a stage's requests for fresh weights")
+    predictor_max_outstanding: PositiveInt = Field(
+        8, description="samples a stage may have queued at the coordinator; more are dropped, never waited for"
+    )
 
 
 class FAMethod(_MethodBase):
@@ -269,6 +272,9 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: PositiveInt = 10
     metrics_every_s: PositiveFloat = Field(2.0, description="ray runtime: how often the driver collects stage metrics")
+    stage_delay_s: dict[NonNegativeInt, NonNegativeFloat] = Field(
+        default_factory=dict, description="ray runtime: extra seconds per step for the named stages (a straggler)"
+    )
     progress: bool = True
 
 

@@ -61,21 +61,27 @@ def prepare(cfg: Config) -> tuple[Config, Dataset]:
     return build_config(data), dataset
 
 
-def train(config: Config | dict, run_dir: Path | None = None, dataset: Dataset | None = None) -> dict:
+def train(config: Config | dict, run_dir: Path | None = None, dataset: Dataset | None = None, workers=None) -> dict:
     """Train one run and return its summary (also written to ``<run_dir>/summary.json``).
 
-    ``dataset`` (with a config from ``prepare``) skips the checks: ``compare`` does them once.
+    ``dataset`` (with a config from ``prepare``) skips the checks and ``workers`` (a started
+    ``RayWorkers``) the start-up: ``compare`` does both once for all its runs.
     """
     cfg = as_config(config)
     if dataset is None:
         cfg, dataset = prepare(cfg)
+    if cfg.resolved_runtime() == "ray" and workers is None:
+        from .runtime.ray_runtime import RayWorkers
+
+        with RayWorkers(cfg) as workers:  # the cluster is checked before the run directory exists
+            return train(cfg, run_dir, dataset, workers)
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg.output.dir, cfg.name)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     if cfg.resolved_runtime() == "ray":
         from .runtime.ray_runtime import train_ray
 
-        summary = train_ray(cfg, run_dir, dataset)
+        summary = train_ray(cfg, run_dir, dataset, workers)
     else:
         from .runtime.inprocess import train_inprocess
 

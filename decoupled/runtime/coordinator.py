@@ -1,12 +1,17 @@
 """The DNI coordinator: trains each boundary's gradient predictor from samples the stages send.
 
-Stage k+1 sends (h_k, y, dL/dh_k) triples it computed anyway; the coordinator takes one
-MSE step per triple (the same PredictorTrainer as in-process) and hands the newest
-weights to stage k when it asks. Stages never wait on it: a stage drops a sample when
-earlier ones are still queued, and picks up weights only once they have arrived.
+Stage k+1 sends (h_k, y, dL/dh_k) triples it computed anyway. ``submit`` only queues
+them; a training thread makes one MSE step per triple, in arrival order (the same
+PredictorTrainer as in-process; merging queued triples into one larger step learned
+markedly worse), then publishes the new weights as a read-only snapshot. So a stage never waits: submitting is a queue append, and asking
+for weights reads the latest snapshot. When training falls behind, the oldest queued
+samples are dropped (counted), so memory stays bounded.
 """
 
 from __future__ import annotations
+
+import collections
+import threading
 
 import torch
 
@@ -15,15 +20,19 @@ from ..rules.dni import GradientPredictor, PredictorTrainer
 
 
 class PredictorCoordinator:
-    """Runs in its own Ray actor (one per run)."""
+    """Runs in its own threaded Ray actor (one per run)."""
 
     def __init__(self, method: dict, num_classes: int, threads: int = 1) -> None:
         torch.set_num_threads(threads)
         self.cfg = DNIMethod.model_validate(method)
         self.num_classes = num_classes
         self.trainers: dict[int, PredictorTrainer] = {}
-        self.versions: dict[int, int] = {}
-        self.last: dict[int, dict[str, float]] = {}
+        self.queues: dict[int, collections.deque] = {}
+        self.published: dict[int, tuple[int, dict[str, torch.Tensor]]] = {}
+        self.stats_: dict[int, dict[str, float]] = {}
+        self.cv = threading.Condition()
+        self.error: BaseException | None = None
+        threading.Thread(target=self._train_loop, name="predictor-training", daemon=True).start()
 
     def register(self, boundary: int, shape: tuple[int, ...], hidden: int, state: dict[str, torch.Tensor]) -> None:
         """Take stage ``boundary``'s initial predictor, so both copies start identical."""
@@ -31,21 +40,47 @@ class PredictorCoordinator:
         predictor = GradientPredictor(shape, self.num_classes, c.conditioned, hidden, c.predictor_layers,
                                       c.predictor_kernel_size)
         predictor.load_state_dict(state)
-        self.trainers[boundary] = PredictorTrainer(predictor, c.predictor_lr, c.predictor_optimizer)
-        self.versions[boundary] = 0
+        with self.cv:
+            self.trainers[boundary] = PredictorTrainer(predictor, c.predictor_lr, c.predictor_optimizer)
+            self.queues[boundary] = collections.deque()
+            self.published[boundary] = (0, state)
+            self.stats_[boundary] = {"version": 0, "samples": 0, "dropped": 0}
 
     def submit(self, boundary: int, h: torch.Tensor, y: torch.Tensor, grad: torch.Tensor) -> None:
-        metrics = self.trainers[boundary].update(h, y, grad)
-        self.versions[boundary] += 1
-        self.last[boundary] = {k: float(v) for k, v in metrics.items()}
+        with self.cv:
+            queue = self.queues[boundary]
+            queue.append((h, y, grad))
+            while len(queue) > self.cfg.predictor_max_outstanding:
+                queue.popleft()
+                self.stats_[boundary]["dropped"] += 1
+            self.cv.notify()
 
     def weights(self, boundary: int, have: int) -> tuple[int, dict[str, torch.Tensor]] | None:
-        """The newest weights if they are newer than version ``have``, else None."""
-        version = self.versions[boundary]
-        if version <= have:
-            return None
-        return version, {k: v.clone() for k, v in self.trainers[boundary].predictor.state_dict().items()}
+        """The newest published weights if they are newer than version ``have``, else None."""
+        if self.error is not None:
+            raise RuntimeError(f"predictor training failed: {self.error!r}") from self.error
+        version, state = self.published[boundary]
+        return (version, state) if version > have else None
 
     def stats(self) -> dict[int, dict[str, float]]:
-        return {b: {"version": v, **self.last.get(b, {})} for b, v in self.versions.items()}
+        with self.cv:
+            return {b: dict(s) for b, s in self.stats_.items()}
 
+    def _train_loop(self) -> None:
+        try:
+            while True:
+                with self.cv:
+                    self.cv.wait_for(lambda: any(self.queues.values()))
+                    work = [(b, q.popleft()) for b, q in self.queues.items() if q]  # one per boundary: fair turns
+                for boundary, (h, y, grad) in work:
+                    trainer = self.trainers[boundary]
+                    metrics = trainer.update(h, y, grad)
+                    snapshot = {k: v.detach().clone() for k, v in trainer.predictor.state_dict().items()}
+                    with self.cv:
+                        stats = self.stats_[boundary]
+                        stats["version"] += 1
+                        stats["samples"] += 1
+                        stats.update({k: float(v) for k, v in metrics.items()})
+                        self.published[boundary] = (int(stats["version"]), snapshot)
+        except BaseException as err:  # surfaced to the stages at their next weights() call
+            self.error = err

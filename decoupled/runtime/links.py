@@ -7,6 +7,11 @@ background thread posts ``recv`` calls (gloo's ``irecv`` cannot be polled) and q
 what arrives, again at most ``max_in_flight``. Every wait has a timeout whose error
 names the link, the peer and the step.
 
+How far can a sender run ahead of its receiver? ``in_flight_bound(max_in_flight)``
+messages: ``max_in_flight`` in the send queue, one in the sender thread's ``send``, one
+in the transport (gloo completes a send once the peer's socket has the bytes), one in
+the receiver thread waiting for room, and ``max_in_flight`` in the receive queue.
+
 Wire format of one message: a header ``int64[3] = (kind, step, batch)``, then, for
 data, the labels ``int64[batch]`` (if the link carries labels) and the tensor
 ``[batch, *shape]``. Each link has its own process group, so links between the same
@@ -25,6 +30,11 @@ import torch.distributed as dist
 
 # Message kinds. DATA and EVAL carry tensors; the others are markers.
 DATA, STOP, EPOCH_END, EVAL, EVAL_END = 0, 1, 2, 3, 4
+
+
+def in_flight_bound(max_in_flight: int) -> int:
+    """Most messages a sender can be ahead of what its receiver has taken (see the module docstring)."""
+    return 2 * max_in_flight + 3
 
 
 class LinkTimeout(TimeoutError):

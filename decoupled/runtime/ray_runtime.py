@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -26,7 +27,10 @@ from .worker import StageWorker, execution_mode
 _STAGE_KEYS = ("compute_s", "wait_input_s", "wait_send_s", "wait_feedback_s")
 
 
-def _ray():
+def _ray(embedded: bool = False):
+    if embedded and "ray" not in sys.modules:
+        # Read at import: without it Ray's processes listen on the machine's public address.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray  # imported late: the in-process runtime must not pay for it
 
     return ray
@@ -55,17 +59,18 @@ class RayWorkers:
         self.stop()
 
     def start(self) -> None:
-        ray = _ray()
         c = self.cfg.cluster
         address = c.address or os.environ.get("RAY_ADDRESS")
+        ray = _ray(embedded=not address)
+        self.env: dict[str, str] = {}
         if not ray.is_initialized():
             if address:
                 ray.init(address=address, log_to_driver=True)
-            else:
-                # An embedded Ray of our own, reachable from this machine only.
-                os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+            else:  # an embedded Ray of our own, reachable from this machine only
                 ray.init(_node_ip_address=c.host, include_dashboard=c.dashboard, dashboard_host=c.host,
                          log_to_driver=True, configure_logging=False)
+                if c.host in ("127.0.0.1", "localhost"):  # the workers' gloo/NCCL sockets too
+                    self.env = {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
             self.started_ray = True
         gpus = self._check_resources()
         self.device = "cuda" if gpus else "cpu"
@@ -84,6 +89,7 @@ class RayWorkers:
             actor.options(
                 num_cpus=c.cpus_per_worker, num_gpus=gpus, max_concurrency=2,  # a second thread answers metrics()
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=k),
+                runtime_env={"env_vars": self.env} if self.env else None,
             ).remote(k, self.size, self.cfg.train.threads)
             for k in range(self.size)
         ]
@@ -148,7 +154,7 @@ def train_ray(cfg: Config, run_dir: Path, dataset: Dataset, workers: RayWorkers 
         from .coordinator import PredictorCoordinator
 
         # num_cpus=0: it shares the workers' cores rather than holding one of its own
-        coordinator = ray.remote(PredictorCoordinator).options(num_cpus=0).remote(
+        coordinator = ray.remote(PredictorCoordinator).options(num_cpus=0, max_concurrency=4).remote(
             cfg.method.model_dump(mode="json"), dataset.num_classes
         )
     data_ref = ray.put(dataset)
@@ -278,6 +284,7 @@ def _log_progress(logger: MetricsLogger, snapshots: list[dict], coordinator) -> 
         values.update({f"stage{k}/{name}": v for name, v in s.get("stage_metrics", {}).items()})
         if k in coord:
             values[f"stage{k}/predictor_staleness"] = coord[k]["version"] - s.get("predictor_version", 0)
+            values[f"stage{k}/predictor_dropped_samples"] = coord[k]["dropped"]
             for name in ("predictor_mse", "predictor_cosine"):
                 if name in coord[k]:
                     values[f"stage{k}/{name}"] = coord[k][name]
@@ -291,7 +298,8 @@ def _stage_summary(k: int, s: dict) -> dict:
     out = {"index": k, "steps": s["steps"], "samples_per_sec": s["samples"] / busy if busy else None,
            **{name: round(v, 4) for name, v in _fractions(s).items()},
            "peak_memory_mb": s.get("peak_memory_mb", 0.0)}
-    for key in ("replayed_steps", "sent_samples", "dropped_samples", "predictor_loads"):
+    for key in ("replayed_steps", "sent_samples", "dropped_samples", "predictor_loads", "predictor_local_changes",
+                "predictor_version"):
         if s.get(key):
             out[key] = s[key]
     return out

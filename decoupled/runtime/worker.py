@@ -19,6 +19,7 @@ for feedback; the driver turns it into fractions.
 
 from __future__ import annotations
 
+import collections
 import os
 import random
 import resource
@@ -101,6 +102,8 @@ class StageWorker:
         self.outstanding: list = []  # coordinator submissions not yet done (bounded: never wait for them)
         self.weights_ref = None
         self.predictor_version = 0
+        self.predictor_fingerprint = None
+        self.step_log: collections.deque = collections.deque(maxlen=100_000)  # (step, start, end) wall times
         if not self.active:
             return self.where()
         stage_cfg = single_stage(cfg) if self.mode in ("single", "ddp") else cfg
@@ -128,6 +131,7 @@ class StageWorker:
                 hidden = cfg.method.predictor_hidden or self.stage.output_shape[0]
                 ray.get(coordinator.register.remote(self.stage.index, self.stage.output_shape, hidden, state),
                         timeout=cfg.links.timeout_s)
+                self.predictor_fingerprint = self._fingerprint()
         self.replay = None
         if cfg.method.name == "dgl" and cfg.method.replay_buffer and self.rank > 0:
             self.replay = ReplayBuffer(cfg.method.replay_buffer, cfg.method.replay_max_reuse)
@@ -199,8 +203,9 @@ class StageWorker:
         snap["peak_memory_mb"] = _peak_memory_mb(self.device)
         return snap
 
-    def state(self) -> dict:
-        return {k: _to_cpu(v) for k, v in self.stage.state_dict().items()} if self.active else {}
+    def steps_timeline(self) -> list[tuple[int, float, float]]:
+        """(step, start, end) wall-clock times of this stage's training steps in the last run."""
+        return list(self.step_log)
 
     # ---------------------------------------------------------------- training
 
@@ -307,10 +312,14 @@ class StageWorker:
         feedback = stage.rule.feedback
         pending = 0  # forward passes still waiting for their feedback (dfa, local dni)
         step = -1
+        delay = self.cfg.train.stage_delay_s.get(self.rank, 0.0)
         for step, x, y in self._inputs(steps):
             t = time.perf_counter()
             result = stage.step(x, y)
+            if delay:
+                time.sleep(delay)  # a simulated straggler: counts as compute
             t = self._timed("compute_s", t)
+            self.step_log.append((step, self.stats["step_started"], time.time()))
             if not last:
                 self.stats["wait_send_s"] += links["fwd_out"].send(step, result.output, y)
             self._count_step(step, x.shape[0])
@@ -387,16 +396,25 @@ class StageWorker:
 
         if self.outstanding:
             _, self.outstanding = ray.wait(self.outstanding, num_returns=len(self.outstanding), timeout=0)
-        if len(self.outstanding) >= self.cfg.links.max_in_flight:
+        if len(self.outstanding) >= self.cfg.method.predictor_max_outstanding:
             self.stats["dropped_samples"] += 1
             return
         self.outstanding.append(self.coordinator.submit.remote(boundary, h.cpu(), y.cpu(), grad.cpu()))
         self.stats["sent_samples"] += 1
 
+    def _fingerprint(self) -> float:
+        return float(sum(p.double().sum() for p in self.stage.rule.extra["predictor"].parameters()))
+
     def _pick_up_predictor(self) -> None:
-        """Ask for fresh weights, or load them if an earlier request has come back; never wait."""
+        """Ask for fresh weights, or load them if an earlier request has come back; never wait.
+
+        The predictor must change only here: a fingerprint taken after each load is checked
+        before the next one, and a mismatch is counted (``predictor_local_changes``).
+        """
         import ray
 
+        if self._fingerprint() != self.predictor_fingerprint:
+            self.stats["predictor_local_changes"] += 1
         if self.weights_ref is None:
             self.weights_ref = self.coordinator.weights.remote(self.stage.index, self.predictor_version)
             return
@@ -409,6 +427,7 @@ class StageWorker:
             version, state = reply
             self.stage.rule.extra["predictor"].load_state_dict(state)
             self.predictor_version = version
+            self.predictor_fingerprint = self._fingerprint()
             self.stats["predictor_loads"] += 1
 
     # ----------------------------------------------------- E2EBP schedules
@@ -494,6 +513,7 @@ def _new_stats() -> dict:
     return {
         "steps": 0, "samples": 0, "timed_samples": 0, "compute_s": 0.0, "wait_input_s": 0.0, "wait_send_s": 0.0,
         "wait_feedback_s": 0.0, "replayed_steps": 0, "sent_samples": 0, "dropped_samples": 0, "predictor_loads": 0,
+        "predictor_local_changes": 0,
         "epoch_first": None, "epoch_end": None, "step_started": None,
     }
 
@@ -530,12 +550,3 @@ def _peak_memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-
-def _to_cpu(value):
-    if isinstance(value, torch.Tensor):
-        return value.cpu()
-    if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_to_cpu(v) for v in value]
-    return value
