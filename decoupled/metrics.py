@@ -89,3 +89,36 @@ class Throughput:
     @property
     def samples_per_sec(self) -> float:
         return self.samples / self.seconds if self.seconds > 0 else float("nan")
+
+
+class PeakMemory:
+    """Peak memory of one run: torch's peak GPU allocation, or on CPU the largest resident
+    size sampled during the run (the process-wide peak would include earlier runs of a
+    ``compare`` in the same process)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_rss = 0.0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        self.sample()
+
+    def sample(self) -> None:
+        if self.device.type != "cuda":
+            self.peak_rss = max(self.peak_rss, _resident_mb())
+
+    @property
+    def mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return self.peak_rss
+
+
+def _resident_mb() -> float:
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):  # not Linux
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20

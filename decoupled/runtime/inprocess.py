@@ -7,7 +7,6 @@ rule runs.
 
 from __future__ import annotations
 
-import resource
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ..config import Config
 from ..data import Dataset, iterate_batches, load_dataset
-from ..metrics import MetricsLogger, Throughput
+from ..metrics import MetricsLogger, PeakMemory, Throughput
 from ..pipeline import build_stages, configure_threads, resolve_device, total_steps
 from ..rules import Feedback
 from ..stage import Stage
@@ -67,13 +66,6 @@ def evaluate(stages: list[Stage], x: torch.Tensor, y: torch.Tensor, batch_size: 
     }
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this run: GPU memory allocated by torch, or this process's peak resident size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def train_inprocess(cfg: Config, run_dir: Path, dataset: Dataset | None = None) -> dict:
     """Train ``cfg`` with all stages in this process; returns the run's summary."""
     start = time.perf_counter()
@@ -84,8 +76,7 @@ def train_inprocess(cfg: Config, run_dir: Path, dataset: Dataset | None = None) 
     train_x, train_y = dataset.train_x.to(device), dataset.train_y.to(device)
     test_x, test_y = dataset.test_x.to(device), dataset.test_y.to(device)
     plans, stages = build_stages(cfg, dataset, device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    memory = PeakMemory(device)
     steps = total_steps(cfg, dataset)
     logger = MetricsLogger(run_dir, cfg.output.tensorboard)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -106,6 +97,7 @@ def train_inprocess(cfg: Config, run_dir: Path, dataset: Dataset | None = None) 
                 throughput.step(bs)
                 progress.update()
                 if step % cfg.train.log_every == 0 or step == steps:
+                    memory.sample()
                     values = {f"stage{s.index}/{k}": v for s in stages for k, v in s.metrics.items()}
                     values["train/accuracy"] = (logits.argmax(1) == y).double().mean()
                     logger.scalars(step, values)
@@ -144,7 +136,7 @@ def train_inprocess(cfg: Config, run_dir: Path, dataset: Dataset | None = None) 
         "final_loss": float(stages[-1].metrics["loss"]),
         "train_seconds": train_seconds,
         "wall_seconds": time.perf_counter() - start,
-        "peak_memory_mb": peak_memory_mb(device),
+        "peak_memory_mb": memory.mb,
         "stage_info": [s.info() for s in stages],
         "torch_version": torch.__version__,
     }

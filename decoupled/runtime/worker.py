@@ -22,7 +22,6 @@ from __future__ import annotations
 import collections
 import os
 import random
-import resource
 import socket
 import time
 from collections.abc import Iterator
@@ -33,6 +32,7 @@ import torch.distributed as dist
 
 from ..config import Config, build_config
 from ..data import Dataset, iterate_batches
+from ..metrics import PeakMemory
 from ..pipeline import build_stages, steps_per_epoch, total_steps
 from ..rules import Feedback
 from .links import DATA, EPOCH_END, EVAL, EVAL_END, STOP, RecvLink, SendLink, link_groups
@@ -109,8 +109,7 @@ class StageWorker:
         stage_cfg = single_stage(cfg) if self.mode in ("single", "ddp") else cfg
         index = 0 if self.mode in ("single", "ddp") else self.rank
         self.plans, (self.stage,) = build_stages(stage_cfg, dataset, self.device, [index])
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+        self.memory = PeakMemory(self.device)
         self._open_links()
         if self.mode in ("gpipe", "1f1b"):
             from .schedules import PipelineSchedule
@@ -200,7 +199,8 @@ class StageWorker:
         snap["queue_depth"] = self.links["fwd_in"].depth if "fwd_in" in self.links else 0
         snap["stage_metrics"] = {k: float(v) for k, v in list(self.stage.metrics.items())}
         snap["predictor_version"] = self.predictor_version
-        snap["peak_memory_mb"] = _peak_memory_mb(self.device)
+        self.memory.sample()
+        snap["peak_memory_mb"] = self.memory.mb
         return snap
 
     def steps_timeline(self) -> list[tuple[int, float, float]]:
@@ -543,10 +543,3 @@ def _node_ip() -> str:
         return ray.util.get_node_ip_address()
     except Exception:  # outside Ray (tests)
         return "127.0.0.1"
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
