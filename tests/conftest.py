@@ -34,6 +34,13 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
+    except OSError:
+        return "?"
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """An embedded Ray with 2 CPUs on loopback; at the end, every process it started must be gone."""
@@ -43,10 +50,10 @@ def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
              log_to_driver=False)
     yield ray
-    started = _descendants(os.getpid())
+    started = {p for p in _descendants(os.getpid()) if "ray" in _cmdline(p)}  # Ray's processes, not other tests'
     ray.shutdown()
     deadline = time.time() + 20
     while time.time() < deadline and any(_alive(p) for p in started):
         time.sleep(0.2)
-    left = [p for p in started if _alive(p)]
+    left = {p: _cmdline(p) for p in started if _alive(p)}
     assert not left, f"processes left after ray.shutdown(): {left}"

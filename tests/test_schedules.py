@@ -215,7 +215,7 @@ def test_data_parallel_equals_full_batch_backprop(runs):
 )
 def test_bad_microbatches_are_rejected(kind, microbatches, stages, match):
     stage = make_stage(0, stages)
-    with pytest.raises(ValueError, match=rf"schedule\.microbatches: .*{match}"):
+    with pytest.raises(ValueError, match=rf"method\.microbatches: .*{match}"):
         PipelineSchedule(kind, stage, microbatches, BATCH)
 
 

@@ -403,7 +403,7 @@ class StageWorker:
         self.stats["sent_samples"] += 1
 
     def _fingerprint(self) -> float:
-        return float(sum(p.double().sum() for p in self.stage.rule.extra["predictor"].parameters()))
+        return float(sum(p.detach().double().sum() for p in self.stage.rule.extra["predictor"].parameters()))
 
     def _pick_up_predictor(self) -> None:
         """Ask for fresh weights, or load them if an earlier request has come back; never wait.
@@ -525,10 +525,15 @@ def _expect(kind: int, wanted: int, rank: int) -> None:
 
 
 def _device(cfg: Config) -> torch.device:
-    if torch.cuda.is_available() and cfg.train.device in ("auto", "cuda"):
+    """The GPU Ray gave this worker, else the CPU: a worker without a GPU bundle must not touch
+    the machine's GPUs (gloo would be handed device memory)."""
+    import ray
+
+    if ray.get_gpu_ids() and cfg.train.device in ("auto", "cuda"):
         return torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to this worker's GPU
     if cfg.train.device == "cuda":
-        raise RuntimeError(f"train.device: cuda requested but worker pid {os.getpid()} sees no GPU")
+        raise RuntimeError(f"train.device: cuda requested but worker pid {os.getpid()} was given no GPU "
+                           "(cluster.gpus_per_worker)")
     return torch.device("cpu")
 
 
