@@ -19,12 +19,16 @@ def _ray_workers(cfg: Config):
 
 def comparison_table(runs: list[dict]) -> str:
     """Markdown: samples/s, accuracy, and each run's speed relative to every backprop baseline."""
-    baselines = [r for r in runs if r["method"] == "backprop"]
-    head = ["run", "method", "stages", "samples/s", "test accuracy"] + [f"× {b['label']}" for b in baselines]
+    baselines = [r["label"] for r in runs if r["method"] == "backprop"]
+    head = ["run", "method", "stages", "samples/s", "test accuracy", "peak MiB per stage"]
+    head += [f"× {b}" for b in baselines]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:
-        cells = [r["label"], r["method"], str(r["stages"]), f"{r['samples_per_sec']:.0f}", f"{r['test_accuracy']:.4f}"]
-        cells += [f"{r['samples_per_sec'] / b['samples_per_sec']:.2f}" for b in baselines]
+        memory = " / ".join(f"{s['peak_memory_mb']:.0f}" for s in r["stage_stats"]) if "stage_stats" in r else (
+            f"{r['peak_memory_mb']:.0f} (all)")
+        cells = [r["label"], r["method"], str(r["stages"]), f"{r['samples_per_sec']:.0f}", f"{r['test_accuracy']:.4f}",
+                 memory]
+        cells += [f"{r['speed_ratio'][b]:.2f}" for b in baselines]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -50,7 +54,7 @@ def compare(config: Config | dict, parent: Path | None = None) -> dict:
     baselines = [r for r in runs if r["method"] == "backprop"]
     for r in runs:
         r["speed_ratio"] = {b["label"]: r["samples_per_sec"] / b["samples_per_sec"] for b in baselines}
-    table = comparison_table(runs)
+    table = comparison_table(runs)  # reads speed_ratio
     result = {"name": cfg.name, "parent": str(parent), "runs": runs, "table": table}
     write_json_atomic(parent / "comparison.json", result)
     (parent / "comparison.md").write_text(f"# {cfg.name}\n\n{table}")
