@@ -438,6 +438,8 @@ def parse_overrides(overrides: list[str]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {p} is set to a value and also used as a section")
+        if isinstance(node.get(parts[-1]), dict):
+            raise ConfigError(f"override {item!r}: {key} is also used as a section")
         node[parts[-1]] = yaml.safe_load(value)
     return out
 

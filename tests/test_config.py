@@ -100,6 +100,9 @@ def test_overrides_parse_yaml_values_and_reject_malformed_ones():
     }
     with pytest.raises(ConfigError, match="expected key.path=value"):
         parse_overrides(["novalue"])
+    for clash in (["a.b=2", "a=1"], ["a=1", "a.b=2"]):  # either order: a value and a section at once
+        with pytest.raises(ConfigError, match="section"):
+            parse_overrides(clash)
     # YAML reads 1e-3 as a string; the typed config still takes it as a float
     assert build_config(BASE, ["optimizer.lr=1e-3"]).optimizer.lr == pytest.approx(1e-3)
 
