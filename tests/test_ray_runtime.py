@@ -78,7 +78,6 @@ def test_every_mode_trains_digits_like_the_inprocess_runner(ray_cluster, tmp_pat
             continue
         assert run["test_accuracy"] >= references[key] - 0.02, (label, run["test_accuracy"], references[key])
         assert all(0.0 <= s["compute_fraction"] <= 1.0 for s in run["stage_stats"])
-    assert runs["dgl-replay"]["stage_stats"][-1].get("replayed_steps", 0) >= 0
     assert runs["cdni"]["stage_stats"][0]["predictor_loads"] >= 1
 
 

@@ -24,6 +24,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -195,12 +196,15 @@ def link_groups(world_size: int, backend: str | None = None) -> dict[tuple[str, 
     ``("err", k)``: the output error from the last stage to stage k (dfa);
     ``("labels", 0)``: labels from stage 0 to the last stage (pipelined E2EBP schedules).
     """
+    # A link may sit idle for a long time (gpipe's forward links carry only evaluation), so the
+    # groups' own timeout is long: the waits in the links enforce links.timeout_s instead.
+    idle = timedelta(days=7)
     groups = {}
     last = world_size - 1
     for k in range(last):
-        groups[("fwd", k)] = dist.new_group([k, k + 1], backend=backend)
-        groups[("bwd", k)] = dist.new_group([k, k + 1], backend=backend)
-        groups[("err", k)] = dist.new_group([k, last], backend=backend)
+        groups[("fwd", k)] = dist.new_group([k, k + 1], backend=backend, timeout=idle)
+        groups[("bwd", k)] = dist.new_group([k, k + 1], backend=backend, timeout=idle)
+        groups[("err", k)] = dist.new_group([k, last], backend=backend, timeout=idle)
     if last > 0:
-        groups[("labels", 0)] = dist.new_group([0, last], backend=backend)
+        groups[("labels", 0)] = dist.new_group([0, last], backend=backend, timeout=idle)
     return groups

@@ -173,7 +173,8 @@ def train_ray(cfg: Config, run_dir: Path, dataset: Dataset, workers: RayWorkers 
             refs = [a.train_epoch.remote(epoch) for a in active]
             pending = list(refs)
             while pending:
-                _, pending = ray.wait(pending, num_returns=len(pending), timeout=cfg.train.metrics_every_s)
+                ready, pending = ray.wait(pending, num_returns=len(pending), timeout=cfg.train.metrics_every_s)
+                ray.get(ready)  # a stage that failed is reported now, not when its peers time out
                 snapshots = ray.get([a.metrics.remote() for a in active], timeout=timeout)
                 step = _log_progress(logger, snapshots, coordinator)
                 progress.update(max(0, step - progress.n))
@@ -258,7 +259,7 @@ def _epoch_throughput(stats: list[dict], before: list[dict], mode: str) -> tuple
 def _evaluate(ray, actors: list, timeout: float) -> dict:
     results = [r for r in ray.get([a.evaluate.remote() for a in actors], timeout=timeout) if r]
     final = next(r for r in results if r["is_last"])
-    aux = [r["aux_correct"] / r["count"] if r["aux_correct"] else None for r in results if not r["is_last"]]
+    aux = [r["aux_correct"] / r["count"] if r["has_aux"] else None for r in results if not r["is_last"]]
     return {"test_accuracy": final["correct"] / final["count"], "aux_accuracy": aux}
 
 

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from ..config import Config, build_config
 from ..data import Dataset, iterate_batches
 from ..metrics import PeakMemory
-from ..pipeline import build_stages, steps_per_epoch, total_steps
+from ..pipeline import build_stages, steps_per_epoch
 from ..rules import Feedback
 from .links import DATA, EPOCH_END, EVAL, EVAL_END, STOP, RecvLink, SendLink, link_groups
 from .replay import ReplayBuffer
@@ -221,18 +221,25 @@ class StageWorker:
             self._train_schedule(steps)
         else:  # single, ddp
             self._train_local(steps)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        if self.device.type == "cuda":  # this thread's stream only: a link thread may have a receive posted
+            torch.cuda.current_stream(self.device).synchronize()
         self.stats["epoch_end"] = time.time()
         return dict(self.stats)
 
-    def _epoch_steps(self) -> int:
-        """Batches stage 0 draws this epoch: the same count on every worker."""
-        per_epoch = steps_per_epoch(self.cfg, self.dataset)
+    @property
+    def steps_per_epoch(self) -> int:
+        """Batches stage 0 (each replica, for ddp) draws per epoch: the same count on every worker."""
         if self.mode == "ddp":
-            per_epoch = len(self.dataset.train_y) // self.world_size // self.cfg.train.batch_size
-        remaining = total_steps(self.cfg, self.dataset) - self.step_count
-        return max(0, min(per_epoch, remaining))
+            return len(self.dataset.train_y) // self.world_size // self.cfg.train.batch_size
+        return steps_per_epoch(self.cfg, self.dataset)
+
+    @property
+    def total_steps(self) -> int:
+        steps = self.cfg.train.epochs * self.steps_per_epoch
+        return min(steps, self.cfg.train.max_steps) if self.cfg.train.max_steps else steps
+
+    def _epoch_steps(self) -> int:
+        return max(0, min(self.steps_per_epoch, self.total_steps - self.step_count))
 
     def _loader(self, steps: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """Stage 0's batches (data-parallel workers: their shard of each epoch's permutation)."""
@@ -257,7 +264,7 @@ class StageWorker:
         s = self.stats
         s["steps"] += 1
         s["samples"] += samples
-        if step >= min(self.cfg.train.warmup_steps, total_steps(self.cfg, self.dataset) - 1):
+        if step >= min(self.cfg.train.warmup_steps, self.total_steps - 1):
             if s["epoch_first"] is None:
                 s["epoch_first"] = s["step_started"]
             s["timed_samples"] += samples
@@ -413,8 +420,6 @@ class StageWorker:
         """
         import ray
 
-        if self._fingerprint() != self.predictor_fingerprint:
-            self.stats["predictor_local_changes"] += 1
         if self.weights_ref is None:
             self.weights_ref = self.coordinator.weights.remote(self.stage.index, self.predictor_version)
             return
@@ -425,6 +430,8 @@ class StageWorker:
         self.weights_ref = None
         if reply is not None:
             version, state = reply
+            if self._fingerprint() != self.predictor_fingerprint:
+                self.stats["predictor_local_changes"] += 1
             self.stage.rule.extra["predictor"].load_state_dict(state)
             self.predictor_version = version
             self.predictor_fingerprint = self._fingerprint()
@@ -475,6 +482,7 @@ class StageWorker:
         stage, d = self.stage, self.dataset
         stage.eval()
         correct = aux_correct = count = 0
+        has_aux = False
         whole_model = self.mode in ("single", "ddp")
         if self.rank == 0:
             batches = ((0, x.to(self.device), y.to(self.device))
@@ -486,6 +494,7 @@ class StageWorker:
             if stage.is_last or whole_model:
                 correct += int((h.argmax(1) == y).sum())
             elif aux is not None:
+                has_aux = True
                 aux_correct += int((aux.argmax(1) == y).sum())
             if not (stage.is_last or whole_model):
                 self.links["fwd_out"].send(step, h, y, kind=EVAL)
@@ -494,7 +503,7 @@ class StageWorker:
             self.links["fwd_out"].mark(EVAL_END, 0)
         stage.train()
         return {"index": self.rank, "correct": correct, "aux_correct": aux_correct, "count": count,
-                "is_last": stage.is_last or whole_model}
+                "is_last": stage.is_last or whole_model, "has_aux": has_aux}
 
     def _eval_inputs(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         link = self.links["fwd_in"]
