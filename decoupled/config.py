@@ -214,7 +214,7 @@ class DNIMethod(_MethodBase):
         "pushes weights; local: each stage trains its own from gradients sent back (single-process DNI)",
     )
     predictor_sample_rate: float = Field(1.0, gt=0.0, le=1.0, description="fraction of steps sent to the coordinator")
-    predictor_push_every: PositiveInt = Field(2, description="steps between a stage's requests for fresh weights")
+    predictor_push_every: PositiveInt = Field(1, description="steps between a stage's requests for fresh weights")
     predictor_max_outstanding: PositiveInt = Field(
         8, description="samples a stage may have queued at the coordinator; more are dropped, never waited for"
     )

@@ -60,6 +60,11 @@ class Dataset:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.train_x.shape[1:])
 
+    def without_inputs(self) -> "Dataset":
+        """Shapes, sizes and training labels only: what a stage that never reads the data needs."""
+        return Dataset(self.name, self.train_x[:1].clone(), self.train_y, self.test_x[:1].clone(),
+                       self.test_y[:0], self.num_classes, self.augment)
+
 
 def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
     """Load the data set ``cfg`` describes; ``seed`` fixes the digits split and the synthetic data."""

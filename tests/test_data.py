@@ -480,3 +480,11 @@ def test_random_crop_flip_without_padding_only_flips() -> None:
     kept = torch.tensor([torch.equal(o, xi) for o, xi in zip(out, x)])
     assert (flipped ^ kept).all()
     assert 430 < flipped.sum() < 570
+
+
+def test_without_inputs_keeps_shapes_and_labels_only() -> None:
+    data = load_dataset(DigitsData(name="digits"), seed=0)
+    light = data.without_inputs()
+    assert light.input_shape == data.input_shape and light.num_classes == data.num_classes
+    assert torch.equal(light.train_y, data.train_y)
+    assert light.train_x.shape[0] == 1 and light.test_y.numel() == 0

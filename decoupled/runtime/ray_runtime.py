@@ -157,10 +157,12 @@ def train_ray(cfg: Config, run_dir: Path, dataset: Dataset, workers: RayWorkers 
         coordinator = ray.remote(PredictorCoordinator).options(num_cpus=0, max_concurrency=4).remote(
             cfg.method.model_dump(mode="json"), dataset.num_classes
         )
-    data_ref = ray.put(dataset)
+    # Only workers that read inputs get the data; the others get shapes and labels (for step counts).
+    full, light = ray.put(dataset), ray.put(dataset.without_inputs())
     actors = workers.actors
-    infos = ray.get([a.setup_run.remote(cfg.model_dump(mode="json"), data_ref, coordinator) for a in actors],
-                    timeout=timeout + 60)
+    reads = [k == 0 or mode in ("ddp", "single") for k in range(len(actors))]
+    infos = ray.get([a.setup_run.remote(cfg.model_dump(mode="json"), full if r else light, coordinator)
+                     for a, r in zip(actors, reads)], timeout=timeout + 60)
     active = [a for a, info in zip(actors, infos) if "index" in info]
     logger = MetricsLogger(run_dir, cfg.output.tensorboard)
     steps = total_steps(cfg, dataset)
