@@ -14,7 +14,10 @@ the receiver thread waiting for room, and ``max_in_flight`` in the receive queue
 
 Wire format of one message: a header ``int64[3] = (kind, step, batch)``, then, for
 data, the labels ``int64[batch]`` (if the link carries labels) and the tensor
-``[batch, *shape]``. Each link has its own process group, so links between the same
+``[batch, *shape]``. The header always goes over a gloo group of its own and the data over
+the run's backend, so on GPUs an NCCL receive is posted only once its message is known
+to be coming (a receive left posted would hold up the device's stream). Each link has its
+own groups, so links between the same
 pair of ranks (activations forward, gradients backward) never mix their messages.
 """
 
@@ -55,7 +58,7 @@ class Message:
 
 
 class _Link:
-    def __init__(self, name: str, peer: int, group, max_in_flight: int, timeout_s: float) -> None:
+    def __init__(self, name: str, peer: int, group: "LinkGroup", max_in_flight: int, timeout_s: float) -> None:
         self.name, self.peer, self.group, self.timeout_s = name, peer, group, timeout_s
         self.queue: queue.Queue = queue.Queue(maxsize=max_in_flight)
         self.error: BaseException | None = None
@@ -72,11 +75,8 @@ class _Link:
 
 
 class SendLink(_Link):
-    def __init__(
-        self, name: str, peer: int, group, max_in_flight: int, timeout_s: float, device: torch.device | str = "cpu"
-    ) -> None:
+    def __init__(self, name: str, peer: int, group: "LinkGroup", max_in_flight: int, timeout_s: float) -> None:
         super().__init__(name, peer, group, max_in_flight, timeout_s)
-        self.device = torch.device(device)  # NCCL sends only device tensors: headers go there too
         self._thread = threading.Thread(target=self._run, name=f"send-{name}", daemon=True)
         self._thread.start()
 
@@ -113,15 +113,14 @@ class SendLink(_Link):
             while True:
                 m = self.queue.get()
                 batch = 0 if m.tensor is None else m.tensor.shape[0]
-                dist.send(torch.tensor([m.kind, m.step, batch], dtype=torch.int64, device=self.device),
-                          self.peer, group=self.group)
+                dist.send(torch.tensor([m.kind, m.step, batch], dtype=torch.int64), self.peer, group=self.group.header)
                 if m.kind == STOP:
                     return
                 if m.tensor is None:
                     continue
                 if m.labels is not None:
-                    dist.send(m.labels.contiguous(), self.peer, group=self.group)
-                dist.send(m.tensor.contiguous(), self.peer, group=self.group)
+                    dist.send(m.labels.contiguous(), self.peer, group=self.group.data)
+                dist.send(m.tensor.contiguous(), self.peer, group=self.group.data)
                 self.last_step = m.step
         except BaseException as err:  # reported to the main loop at its next send
             self.error = err
@@ -132,7 +131,7 @@ class RecvLink(_Link):
         self,
         name: str,
         peer: int,
-        group,
+        group: "LinkGroup",
         max_in_flight: int,
         timeout_s: float,
         shape: tuple[int, ...],
@@ -169,8 +168,8 @@ class RecvLink(_Link):
     def _run(self) -> None:
         try:
             while True:
-                header = torch.empty(3, dtype=torch.int64, device=self.device)
-                dist.recv(header, self.peer, group=self.group)
+                header = torch.empty(3, dtype=torch.int64)
+                dist.recv(header, self.peer, group=self.group.header)
                 kind, step, batch = (int(v) for v in header.tolist())
                 if batch == 0:  # a marker
                     self.queue.put(Message(kind, step))
@@ -180,16 +179,24 @@ class RecvLink(_Link):
                 labels = None
                 if self.labels:
                     labels = torch.empty(batch, dtype=torch.int64, device=self.device)
-                    dist.recv(labels, self.peer, group=self.group)
+                    dist.recv(labels, self.peer, group=self.group.data)
                 tensor = torch.empty(batch, *self.shape, dtype=self.dtype, device=self.device)
-                dist.recv(tensor, self.peer, group=self.group)
+                dist.recv(tensor, self.peer, group=self.group.data)
                 self.last_step = step
                 self.queue.put(Message(kind, step, tensor, labels))  # blocks when full: back-pressure to the sender
         except BaseException as err:
             self.error = err
 
 
-def link_groups(world_size: int, backend: str | None = None) -> dict[tuple[str, int], object]:
+@dataclass
+class LinkGroup:
+    """The two process groups of one link: gloo for headers, the run's backend for data."""
+
+    header: object
+    data: object
+
+
+def link_groups(world_size: int) -> dict[tuple[str, int], LinkGroup]:
     """One process group per link, created in the same order on every rank (torch requires that).
 
     ``("fwd", k)``: activations k -> k+1; ``("bwd", k)``: gradients k+1 -> k;
@@ -199,12 +206,16 @@ def link_groups(world_size: int, backend: str | None = None) -> dict[tuple[str, 
     # A link may sit idle for a long time (gpipe's forward links carry only evaluation), so the
     # groups' own timeout is long: the waits in the links enforce links.timeout_s instead.
     idle = timedelta(days=7)
+
+    def pair(ranks: list[int]) -> LinkGroup:
+        return LinkGroup(dist.new_group(ranks, backend="gloo", timeout=idle), dist.new_group(ranks, timeout=idle))
+
     groups = {}
     last = world_size - 1
     for k in range(last):
-        groups[("fwd", k)] = dist.new_group([k, k + 1], backend=backend, timeout=idle)
-        groups[("bwd", k)] = dist.new_group([k, k + 1], backend=backend, timeout=idle)
-        groups[("err", k)] = dist.new_group([k, last], backend=backend, timeout=idle)
+        groups[("fwd", k)] = pair([k, k + 1])
+        groups[("bwd", k)] = pair([k, k + 1])
+        groups[("err", k)] = pair([k, last])
     if last > 0:
-        groups[("labels", 0)] = dist.new_group([0, last], backend=backend, timeout=idle)
+        groups[("labels", 0)] = pair([0, last])
     return groups

@@ -151,25 +151,25 @@ class StageWorker:
             links["fwd_in"] = RecvLink(f"stage{k - 1}->stage{k}", k - 1, self.groups[("fwd", k - 1)], m, t,
                                        plan.input_shape, labels=True, device=dev)
         if k < last:
-            links["fwd_out"] = SendLink(f"stage{k}->stage{k + 1}", k + 1, self.groups[("fwd", k)], m, t, dev)
+            links["fwd_out"] = SendLink(f"stage{k}->stage{k + 1}", k + 1, self.groups[("fwd", k)], m, t)
         if backward and k < last:
             links["bwd_in"] = RecvLink(f"stage{k + 1}->stage{k} (gradient)", k + 1, self.groups[("bwd", k)], m, t,
                                        plan.output_shape, device=dev)
         if backward and k > 0:
             links["bwd_out"] = SendLink(f"stage{k}->stage{k - 1} (gradient)", k - 1, self.groups[("bwd", k - 1)],
-                                        m, t, dev)
+                                        m, t)
         if feedback is Feedback.OUTPUT_ERROR and self.mode == "decoupled":
             classes = (self.dataset.num_classes,)
             if k == last:
                 for j in range(last):
                     links[f"err_out{j}"] = SendLink(f"stage{last}->stage{j} (error)", j, self.groups[("err", j)],
-                                                    m, t, dev)
+                                                    m, t)
             else:
                 links["err_in"] = RecvLink(f"stage{last}->stage{k} (error)", last, self.groups[("err", k)], m, t,
                                            classes, device=dev)
         if self.mode in ("gpipe", "1f1b") and k in (0, last):
             group = self.groups[("labels", 0)]
-            links["labels"] = (SendLink("labels stage0->last", last, group, m, t, dev) if k == 0 else
+            links["labels"] = (SendLink("labels stage0->last", last, group, m, t) if k == 0 else
                                RecvLink("labels stage0->last", 0, group, m, t, (), torch.int64, device=dev))
         self.links = links
 
