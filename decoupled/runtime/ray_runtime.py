@@ -94,7 +94,7 @@ class RayWorkers:
             for k in range(self.size)
         ]
         where = ray.get(self.actors[0].where.remote(), timeout=timeout)
-        port = ray.get(self.actors[0].free_port.remote(), timeout=timeout)
+        port = ray.get(self.actors[0].open_store.remote(where["ip"], timeout), timeout=timeout)
         backend = "nccl" if gpus else "gloo"
         ray.get([a.init_process_group.remote(where["ip"], port, backend, timeout) for a in self.actors],
                 timeout=timeout + 30)

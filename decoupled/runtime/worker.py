@@ -75,16 +75,23 @@ class StageWorker:
         gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
         return {"pid": os.getpid(), "node": socket.gethostname(), "ip": _node_ip(), "gpus": gpus}
 
-    def free_port(self) -> int:
-        with socket.socket() as s:
-            s.bind(("", 0))
-            return s.getsockname()[1]
+    def open_store(self, address: str, timeout_s: float) -> int:
+        """Rank 0: the rendezvous store, listening on ``address`` only (not every interface); returns its port.
+
+        The socket is bound here and handed to the store, so no other process can take the port between.
+        """
+        self.store_socket = socket.socket()
+        self.store_socket.bind((address, 0))
+        self.store_socket.listen()
+        port = self.store_socket.getsockname()[1]
+        self.store = dist.TCPStore(address, port, self.world_size, True, timedelta(seconds=timeout_s),
+                                   wait_for_workers=False, master_listen_fd=self.store_socket.fileno())
+        return port
 
     def init_process_group(self, address: str, port: int, backend: str, timeout_s: float) -> None:
-        dist.init_process_group(
-            backend, init_method=f"tcp://{address}:{port}", rank=self.rank, world_size=self.world_size,
-            timeout=timedelta(seconds=timeout_s),
-        )
+        timeout = timedelta(seconds=timeout_s)
+        store = self.store if self.rank == 0 else dist.TCPStore(address, port, self.world_size, False, timeout)
+        dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size, timeout=timeout)
         self.groups = link_groups(self.world_size)
 
     def setup_run(self, cfg_data: dict, dataset: Dataset, coordinator=None) -> dict:
