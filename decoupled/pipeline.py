@@ -31,12 +31,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def steps_per_epoch(cfg: Config, dataset: Dataset) -> int:
-    return len(dataset.train_y) // cfg.train.batch_size
+def steps_per_epoch(cfg: Config, dataset: Dataset, replicas: int = 1) -> int:
+    """Batches per epoch (of each data-parallel replica, which sees 1/replicas of the data)."""
+    return len(dataset.train_y) // replicas // cfg.train.batch_size
 
 
-def total_steps(cfg: Config, dataset: Dataset) -> int:
-    steps = cfg.train.epochs * steps_per_epoch(cfg, dataset)
+def total_steps(cfg: Config, dataset: Dataset, replicas: int = 1) -> int:
+    steps = cfg.train.epochs * steps_per_epoch(cfg, dataset, replicas)
     return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
 
 

@@ -32,6 +32,7 @@ class GradientPredictor(nn.Module):
     ) -> None:
         super().__init__()
         self.shape = tuple(shape)
+        self.hidden = hidden
         self.num_classes = num_classes
         self.conditioned = conditioned
         extra = num_classes if conditioned else 0

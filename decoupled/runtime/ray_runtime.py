@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..config import Config, ConfigError
 from ..data import Dataset
 from ..metrics import MetricsLogger
-from ..pipeline import total_steps
+from ..pipeline import steps_per_epoch, total_steps
 from .worker import StageWorker, execution_mode
 
 _STAGE_KEYS = ("compute_s", "wait_input_s", "wait_send_s", "wait_feedback_s")
@@ -165,7 +165,7 @@ def train_ray(cfg: Config, run_dir: Path, dataset: Dataset, workers: RayWorkers 
                      for a, r in zip(actors, reads)], timeout=timeout + 60)
     active = [a for a, info in zip(actors, infos) if "index" in info]
     logger = MetricsLogger(run_dir, cfg.output.tensorboard)
-    steps = total_steps(cfg, dataset)
+    steps = total_steps(cfg, dataset, len(active) if mode == "ddp" else 1)
     progress = tqdm(total=steps, desc=f"{cfg.method.display_name()} ray x{len(active)}", unit="step",
                     disable=None if cfg.train.progress else True, leave=False)
     evals, timed_samples, timed_seconds = [], 0, 0.0
@@ -231,9 +231,7 @@ def train_ray(cfg: Config, run_dir: Path, dataset: Dataset, workers: RayWorkers 
 
 def _epochs(cfg: Config, dataset: Dataset, mode: str, workers: int) -> int:
     """Epochs to run: all of ``train.epochs``, or fewer when ``train.max_steps`` ends the run first."""
-    per_epoch = len(dataset.train_y) // cfg.train.batch_size
-    if mode == "ddp":
-        per_epoch = len(dataset.train_y) // workers // cfg.train.batch_size
+    per_epoch = steps_per_epoch(cfg, dataset, workers if mode == "ddp" else 1)
     if cfg.train.max_steps is None:
         return cfg.train.epochs
     return min(cfg.train.epochs, math.ceil(cfg.train.max_steps / per_epoch))

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from ..config import Config, build_config
 from ..data import Dataset, iterate_batches
 from ..metrics import PeakMemory
-from ..pipeline import build_stages, steps_per_epoch
+from ..pipeline import build_stages, steps_per_epoch, total_steps
 from ..rules import Feedback
 from .links import DATA, EPOCH_END, EVAL, EVAL_END, STOP, RecvLink, SendLink, link_groups
 from .replay import ReplayBuffer
@@ -116,6 +116,7 @@ class StageWorker:
         stage_cfg = single_stage(cfg) if self.mode in ("single", "ddp") else cfg
         index = 0 if self.mode in ("single", "ddp") else self.rank
         self.plans, (self.stage,) = build_stages(stage_cfg, dataset, self.device, [index])
+        self.total_steps = total_steps(cfg, dataset, self.replicas)
         self.memory = PeakMemory(self.device)
         self._open_links()
         if self.mode in ("gpipe", "1f1b"):
@@ -134,8 +135,7 @@ class StageWorker:
 
                 predictor = self.stage.rule.extra["predictor"]
                 state = {k: v.cpu() for k, v in predictor.state_dict().items()}
-                hidden = cfg.method.predictor_hidden or self.stage.output_shape[0]
-                ray.get(coordinator.register.remote(self.stage.index, self.stage.output_shape, hidden, state),
+                ray.get(coordinator.register.remote(self.stage.index, predictor.shape, predictor.hidden, state),
                         timeout=cfg.links.timeout_s)
                 self.predictor_fingerprint = self._fingerprint()
         self.replay = None
@@ -234,19 +234,13 @@ class StageWorker:
         return dict(self.stats)
 
     @property
-    def steps_per_epoch(self) -> int:
-        """Batches stage 0 (each replica, for ddp) draws per epoch: the same count on every worker."""
-        if self.mode == "ddp":
-            return len(self.dataset.train_y) // self.world_size // self.cfg.train.batch_size
-        return steps_per_epoch(self.cfg, self.dataset)
-
-    @property
-    def total_steps(self) -> int:
-        steps = self.cfg.train.epochs * self.steps_per_epoch
-        return min(steps, self.cfg.train.max_steps) if self.cfg.train.max_steps else steps
+    def replicas(self) -> int:
+        return self.world_size if self.mode == "ddp" else 1
 
     def _epoch_steps(self) -> int:
-        return max(0, min(self.steps_per_epoch, self.total_steps - self.step_count))
+        """Batches stage 0 (each replica, for ddp) draws this epoch: the same count on every worker."""
+        per_epoch = steps_per_epoch(self.cfg, self.dataset, self.replicas)
+        return max(0, min(per_epoch, self.total_steps - self.step_count))
 
     def _loader(self, steps: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """Stage 0's batches (data-parallel workers: their shard of each epoch's permutation)."""
