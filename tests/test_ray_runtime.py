@@ -70,18 +70,14 @@ def test_every_mode_trains_digits_like_the_inprocess_runner(ray_cluster, tmp_pat
                                                                         "replay_buffer")}, sort_keys=True)
         if key not in references:
             references[key] = reference_accuracy(tmp_path, stages, method)
-        if label == "cdni" and stages == 4:
-            # Known gap: at K=4 on 2 CPUs the coordinator shares the cores with four busy workers and its
-            # predictors lag (0.82-0.91 against 0.95 in-process, run to run); it must still learn far above
-            # chance (0.1).
-            assert run["test_accuracy"] >= 0.6, run["test_accuracy"]
-            continue
         if method["name"] == "dni":
-            # Known gap (issue 3 stays open for it): on Ray the predictors learn from gradients that arrive
-            # some steps late, by a number that varies from run to run on 2 shared CPUs. Measured at K=2:
-            # cDNI (coordinator) 0.944-0.969 against 0.975, DNI (local) 0.939 against 0.961. Checked with
-            # room for that spread, so CI tests the code, not the machine's load.
-            assert run["test_accuracy"] >= references[key] - 0.05, (label, run["test_accuracy"], references[key])
+            # On Ray the predictors learn from gradients that arrive some steps late (the in-flight
+            # bound plus a weights round trip), by a number that varies from run to run on 2 shared
+            # CPUs. Measured, 3-4 runs each against the in-process 0.975 / 0.961 / 0.919:
+            # K=2 cDNI 0.964-0.969, K=2 DNI (local) 0.936-0.947, K=4 cDNI 0.894-0.922.
+            # The in-process runner itself spans 0.953-0.972 (DNI, K=2) and 0.892-0.928 (cDNI, K=4)
+            # over seeds 0-5, so the bound below leaves room for that spread and no more.
+            assert run["test_accuracy"] >= references[key] - 0.035, (label, run["test_accuracy"], references[key])
             continue
         assert run["test_accuracy"] >= references[key] - 0.02, (label, run["test_accuracy"], references[key])
         assert all(0.0 <= s["compute_fraction"] <= 1.0 for s in run["stage_stats"])

@@ -1,7 +1,7 @@
 """The DNI coordinator: trains each boundary's gradient predictor from samples the stages send.
 
 Stage k+1 sends (h_k, y, dL/dh_k) triples it computed anyway. ``submit`` only queues
-them; a training thread makes one MSE step per triple, in arrival order (the same
+them; one training thread per boundary makes one MSE step per triple, in arrival order (the same
 PredictorTrainer as in-process; merging queued triples into one larger step learned
 markedly worse), then publishes the new weights as a read-only snapshot. So a stage never waits: submitting is a queue append, and asking
 for weights reads the latest snapshot. When training falls behind, the oldest queued
@@ -32,7 +32,6 @@ class PredictorCoordinator:
         self.stats_: dict[int, dict[str, float]] = {}
         self.cv = threading.Condition()
         self.error: BaseException | None = None
-        threading.Thread(target=self._train_loop, name="predictor-training", daemon=True).start()
 
     def register(self, boundary: int, shape: tuple[int, ...], hidden: int, state: dict[str, torch.Tensor]) -> None:
         """Take stage ``boundary``'s initial predictor, so both copies start identical."""
@@ -45,6 +44,8 @@ class PredictorCoordinator:
             self.queues[boundary] = collections.deque()
             self.published[boundary] = (0, state)
             self.stats_[boundary] = {"version": 0, "samples": 0, "dropped": 0}
+        threading.Thread(target=self._train_loop, args=(boundary,), name=f"predictor-{boundary}",
+                         daemon=True).start()
 
     def submit(self, boundary: int, h: torch.Tensor, y: torch.Tensor, grad: torch.Tensor) -> None:
         with self.cv:
@@ -53,7 +54,7 @@ class PredictorCoordinator:
             while len(queue) > self.cfg.predictor_max_outstanding:
                 queue.popleft()
                 self.stats_[boundary]["dropped"] += 1
-            self.cv.notify()
+            self.cv.notify_all()
 
     def weights(self, boundary: int, have: int) -> tuple[int, dict[str, torch.Tensor]] | None:
         """The newest published weights if they are newer than version ``have``, else None."""
@@ -66,21 +67,22 @@ class PredictorCoordinator:
         with self.cv:
             return {b: dict(s) for b, s in self.stats_.items()}
 
-    def _train_loop(self) -> None:
+    def _train_loop(self, boundary: int) -> None:
+        # One thread per boundary: the OS then gives predictor training a share of the CPU per
+        # boundary, as each stage has; with a single thread it fell behind at K=4 on 2 cores.
+        trainer, queue = self.trainers[boundary], self.queues[boundary]
         try:
             while True:
                 with self.cv:
-                    self.cv.wait_for(lambda: any(self.queues.values()))
-                    work = [(b, q.popleft()) for b, q in self.queues.items() if q]  # one per boundary: fair turns
-                for boundary, (h, y, grad) in work:
-                    trainer = self.trainers[boundary]
-                    metrics = trainer.update(h, y, grad)
-                    snapshot = {k: v.detach().clone() for k, v in trainer.predictor.state_dict().items()}
-                    with self.cv:
-                        stats = self.stats_[boundary]
-                        stats["version"] += 1
-                        stats["samples"] += 1
-                        stats.update({k: float(v) for k, v in metrics.items()})
-                        self.published[boundary] = (int(stats["version"]), snapshot)
+                    self.cv.wait_for(lambda: bool(queue))
+                    h, y, grad = queue.popleft()
+                metrics = trainer.update(h, y, grad)
+                snapshot = {k: v.detach().clone() for k, v in trainer.predictor.state_dict().items()}
+                with self.cv:
+                    stats = self.stats_[boundary]
+                    stats["version"] += 1
+                    stats["samples"] += 1
+                    stats.update({k: float(v) for k, v in metrics.items()})
+                    self.published[boundary] = (int(stats["version"]), snapshot)
         except BaseException as err:  # surfaced to the stages at their next weights() call
             self.error = err

@@ -149,19 +149,19 @@ def train_ray(cfg: Config, run_dir: Path, dataset: Dataset, workers: RayWorkers 
     start = time.perf_counter()
     timeout = cfg.links.timeout_s
     mode = execution_mode(cfg)
-    coordinator = None
+    coordinators: list = []
     if cfg.method.name == "dni" and cfg.method.predictor_training == "coordinator" and cfg.split.stages > 1:
         from .coordinator import PredictorCoordinator
 
-        # num_cpus=0: it shares the workers' cores rather than holding one of its own
-        coordinator = ray.remote(PredictorCoordinator).options(num_cpus=0, max_concurrency=4).remote(
-            cfg.method.model_dump(mode="json"), dataset.num_classes
-        )
+        # One actor per boundary, so no predictor waits behind another's training (or its GIL).
+        # num_cpus=0: they share the workers' cores rather than holding cores of their own.
+        coordinators = [ray.remote(PredictorCoordinator).options(num_cpus=0, max_concurrency=4).remote(
+            cfg.method.model_dump(mode="json"), dataset.num_classes) for _ in range(cfg.split.stages - 1)]
     # Only workers that read inputs get the data; the others get shapes and labels (for step counts).
     full, light = ray.put(dataset), ray.put(dataset.without_inputs())
     actors = workers.actors
     reads = [k == 0 or mode in ("ddp", "single") for k in range(len(actors))]
-    infos = ray.get([a.setup_run.remote(cfg.model_dump(mode="json"), full if r else light, coordinator)
+    infos = ray.get([a.setup_run.remote(cfg.model_dump(mode="json"), full if r else light, coordinators)
                      for a, r in zip(actors, reads)], timeout=timeout + 60)
     active = [a for a, info in zip(actors, infos) if "index" in info]
     logger = MetricsLogger(run_dir, cfg.output.tensorboard)
@@ -178,7 +178,7 @@ def train_ray(cfg: Config, run_dir: Path, dataset: Dataset, workers: RayWorkers 
                 ready, pending = ray.wait(pending, num_returns=len(pending), timeout=cfg.train.metrics_every_s)
                 ray.get(ready)  # a stage that failed is reported now, not when its peers time out
                 snapshots = ray.get([a.metrics.remote() for a in active], timeout=timeout)
-                step = _log_progress(logger, snapshots, coordinator)
+                step = _log_progress(logger, snapshots, coordinators)
                 progress.update(max(0, step - progress.n))
             before = epoch_stats
             epoch_stats = ray.get(refs, timeout=timeout)  # raises here if a worker failed, naming its error
@@ -200,7 +200,7 @@ def train_ray(cfg: Config, run_dir: Path, dataset: Dataset, workers: RayWorkers 
     finally:
         progress.close()
         logger.close()
-        if coordinator is not None:
+        for coordinator in coordinators:
             ray.kill(coordinator)
     final = evals[-1]
     stage_stats = [_stage_summary(k, s) for k, s in enumerate(final_metrics)]
@@ -268,11 +268,13 @@ def _fractions(s: dict) -> dict[str, float]:
     return {f"{k[:-2]}_fraction": s[k] / total for k in _STAGE_KEYS}  # compute_s -> compute_fraction
 
 
-def _log_progress(logger: MetricsLogger, snapshots: list[dict], coordinator) -> int:
+def _log_progress(logger: MetricsLogger, snapshots: list[dict], coordinators: list) -> int:
     """Write each stage's counters to TensorBoard at stage 0's step; returns that step."""
     step = snapshots[0].get("steps", 0)
     values: dict[str, float] = {}
-    coord = _ray().get(coordinator.stats.remote(), timeout=30) if coordinator is not None else {}
+    coord = {}
+    for stats in _ray().get([c.stats.remote() for c in coordinators], timeout=30):
+        coord.update(stats)
     for k, s in enumerate(snapshots):
         if not s:
             continue

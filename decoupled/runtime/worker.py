@@ -94,13 +94,13 @@ class StageWorker:
         dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size, timeout=timeout)
         self.groups = link_groups(self.world_size)
 
-    def setup_run(self, cfg_data: dict, dataset: Dataset, coordinator=None) -> dict:
+    def setup_run(self, cfg_data: dict, dataset: Dataset, coordinators: list | None = None) -> dict:
         """Build this worker's stage for one run and open the links its mode needs."""
         self.cfg = cfg = build_config(cfg_data)
         self.mode = execution_mode(cfg)
         self.device = _device(cfg)
         self.dataset = dataset
-        self.coordinator = coordinator
+        self.coordinators = coordinators or []  # DNI: the predictor coordinator of each boundary
         self.active = self.mode not in ("single",) or self.rank == 0
         self.step_count = 0
         self.generator = torch.Generator().manual_seed(cfg.seed)  # the same batch order as in-process
@@ -135,7 +135,7 @@ class StageWorker:
 
                 predictor = self.stage.rule.extra["predictor"]
                 state = {k: v.cpu() for k, v in predictor.state_dict().items()}
-                ray.get(coordinator.register.remote(self.stage.index, predictor.shape, predictor.hidden, state),
+                ray.get(self.coordinators[self.stage.index].register.remote(self.stage.index, predictor.shape, predictor.hidden, state),
                         timeout=cfg.links.timeout_s)
                 self.predictor_fingerprint = self._fingerprint()
         self.replay = None
@@ -375,8 +375,7 @@ class StageWorker:
             return 0
         if cfg.predictor_training == "local":
             return self._drain_feedback(pending + 1, block=False)
-        if self.stats["steps"] % cfg.predictor_push_every == 0 or self.weights_ref is not None:
-            self._pick_up_predictor()
+        self._pick_up_predictor(ask=self.stats["steps"] % cfg.predictor_push_every == 0)
         return 0
 
     def _drain_feedback(self, pending: int, block: bool) -> int:
@@ -407,28 +406,32 @@ class StageWorker:
         if len(self.outstanding) >= self.cfg.method.predictor_max_outstanding:
             self.stats["dropped_samples"] += 1
             return
-        self.outstanding.append(self.coordinator.submit.remote(boundary, h.cpu(), y.cpu(), grad.cpu()))
+        self.outstanding.append(self.coordinators[boundary].submit.remote(boundary, h.cpu(), y.cpu(), grad.cpu()))
         self.stats["sent_samples"] += 1
 
     def _fingerprint(self) -> float:
         return float(sum(p.detach().double().sum() for p in self.stage.rule.extra["predictor"].parameters()))
 
-    def _pick_up_predictor(self) -> None:
-        """Ask for fresh weights, or load them if an earlier request has come back; never wait.
+    def _pick_up_predictor(self, ask: bool) -> None:
+        """Load the weights an earlier request brought back, and (``ask``) request newer ones; never wait.
 
-        The predictor must change only here: a fingerprint taken after each load is checked
+        Asking again right after a load makes the next reply ready a step later rather than
+        two: every step of lag is a step of staleness in the synthetic gradients. The
+        predictor must change only here: a fingerprint taken after each load is checked
         before the next one, and a mismatch is counted (``predictor_local_changes``).
         """
         import ray
 
-        if self.weights_ref is None:
-            self.weights_ref = self.coordinator.weights.remote(self.stage.index, self.predictor_version)
-            return
-        ready, _ = ray.wait([self.weights_ref], timeout=0)
-        if not ready:
-            return
-        reply = ray.get(self.weights_ref)
-        self.weights_ref = None
+        if self.weights_ref is not None:
+            ready, _ = ray.wait([self.weights_ref], timeout=0)
+            if not ready:
+                return
+            self._load_predictor(ray.get(self.weights_ref))
+            self.weights_ref = None
+        if ask:
+            self.weights_ref = self.coordinators[self.stage.index].weights.remote(self.stage.index, self.predictor_version)
+
+    def _load_predictor(self, reply) -> None:
         if reply is not None:
             version, state = reply
             if self._fingerprint() != self.predictor_fingerprint:
