@@ -276,6 +276,27 @@ class TrainConfig(_Strict):
         default_factory=dict, description="ray runtime: extra seconds per step for the named stages (a straggler)"
     )
     progress: bool = True
+    on_nonfinite: Literal["stop", "skip_batch"] = Field(
+        "stop", description="a NaN/inf loss, activation or gradient: stop the run naming stage and step, "
+        "or skip that batch's update (counted as skipped_batches)"
+    )
+
+
+class CheckpointConfig(_Strict):
+    """Resumable checkpoints under ``<run_dir>/checkpoints`` (on a multi-node cluster the run
+    directory must be on storage every node can write, as for Ray Train)."""
+
+    enabled: bool = True
+    every_steps: PositiveInt | None = Field(None, description="also checkpoint every this many steps (default: "
+                                            "only at each epoch's end)")
+    keep: PositiveInt = Field(2, description="complete checkpoints kept; older ones are deleted")
+
+
+class RecoveryConfig(_Strict):
+    """What the Ray runtime does when a stage worker dies (process killed, out of memory, node lost)."""
+
+    max_restarts: NonNegativeInt = Field(3, description="restarts allowed per stage; one more failure stops "
+                                         "the run, naming the stage, step and cause")
 
 
 class ClusterConfig(_Strict):
@@ -287,6 +308,8 @@ class ClusterConfig(_Strict):
     gpus_per_worker: NonNegativeInt | None = Field(None, description="default: 1 where the cluster has GPUs, else 0")
     strategy: Literal["PACK", "SPREAD"] = "PACK"
     host: str = Field("127.0.0.1", description="address an embedded Ray listens on")
+    start_timeout_s: PositiveFloat = Field(120.0, description="longest wait for the placement group, the workers "
+                                           "and their stages to start (a new node may first pull an image)")
     dashboard: bool = False
 
 
@@ -329,6 +352,8 @@ class Config(_Strict):
     )
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     links: LinksConfig = Field(default_factory=LinksConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
     compare: CompareConfig | None = None
 
     @model_validator(mode="after")

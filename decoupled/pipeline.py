@@ -69,6 +69,7 @@ def build_stages(
             total_steps=steps,
             seed=cfg.seed,
             device=device,
+            on_nonfinite=cfg.train.on_nonfinite,
         )
         for i in (range(len(plans)) if indices is None else indices)
     ]

@@ -101,7 +101,7 @@ class Rule:
         if send == "output_error":
             logits.retain_grad()
         loss = F.cross_entropy(logits, y)
-        stage.backward_and_step(loss)
+        stage.backward_and_step(loss, output=logits)  # logits checked before the update, not after
         feedback = None
         if send == "input_grad":
             feedback = x.grad

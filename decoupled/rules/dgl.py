@@ -54,7 +54,7 @@ class DGLRule(Rule):
             return self._last_stage_step(stage, x, y, send=None)
         h = stage.module(x.detach())
         loss = F.cross_entropy(self.extra["aux_head"](h), y)
-        stage.backward_and_step(loss)
+        stage.backward_and_step(loss, output=h)  # h checked before the update: a NaN batch changes nothing
         return StepResult(output=h.detach(), loss=loss.detach())
 
     def auxiliary_logits(self, h: torch.Tensor) -> torch.Tensor | None:

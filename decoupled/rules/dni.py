@@ -12,6 +12,7 @@ what they learn does not depend on the batch size. Stages divide by B before use
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -70,18 +71,34 @@ class PredictorTrainer:
     Used by the stage itself (in-process) and by the coordinator (Ray runtime).
     """
 
-    def __init__(self, predictor: GradientPredictor, lr: float, optimizer: str = "adam") -> None:
+    def __init__(
+        self, predictor: GradientPredictor, lr: float, optimizer: str = "adam", name: str = "predictor"
+    ) -> None:
         self.predictor = predictor
         params = predictor.parameters()
         self.optimizer = torch.optim.Adam(params, lr=lr) if optimizer == "adam" else torch.optim.SGD(params, lr=lr)
+        self.named_parameters = [(f"{name}.{n}", p) for n, p in predictor.named_parameters()]  # named in errors
 
-    def update(self, h: torch.Tensor, y: torch.Tensor, grad: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One MSE step toward ``grad`` (dL/dh of a batch-mean loss, as backprop gives it)."""
+    def update(
+        self,
+        h: torch.Tensor,
+        y: torch.Tensor,
+        grad: torch.Tensor,
+        check: Callable[[list[tuple[str, nn.Parameter]]], bool] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """One MSE step toward ``grad`` (dL/dh of a batch-mean loss, as backprop gives it).
+
+        ``check`` (e.g. Stage.check_update) sees the named parameters, gradients computed, before
+        the step; if it returns False the step is skipped and no metrics are returned.
+        """
         target = grad.detach() * h.shape[0]  # per-sample units, see the module docstring
         pred = self.predictor(h.detach(), y)
         loss = F.mse_loss(pred, target)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if check is not None and not check(self.named_parameters):
+            self.optimizer.zero_grad(set_to_none=True)
+            return {}
         self.optimizer.step()
         cosine = F.cosine_similarity(pred.detach().flatten(1), target.flatten(1), dim=1, eps=1e-12).mean()
         return {"predictor_mse": loss.detach(), "predictor_cosine": cosine}
@@ -106,7 +123,7 @@ class SyntheticGradientRule(Rule):
             stage.output_shape, stage.num_classes, c.conditioned, hidden, c.predictor_layers, c.predictor_kernel_size
         )
         self.extra["predictor"] = predictor
-        self.trainer = PredictorTrainer(predictor, c.predictor_lr, c.predictor_optimizer)
+        self.trainer = PredictorTrainer(predictor, c.predictor_lr, c.predictor_optimizer, name="extra.predictor")
 
     def predict_gradient(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Synthetic dL/dh for a batch-mean loss."""
@@ -127,7 +144,10 @@ class SyntheticGradientRule(Rule):
     def apply(self, stage, signal: torch.Tensor) -> None:
         """Train the predictor on the true gradient that stage k+1 computed for our oldest pending output."""
         h, y = self._pop_pending(stage)
-        stage.metrics.update(self.trainer.update(h, y, signal))
+        if stage.batch_skipped:  # skipped at its step (non-finite): check_update would refuse it; save the work
+            return None
+        # the target (received by Stage.apply) and the predictor's gradients are checked before its step
+        stage.metrics.update(self.trainer.update(h, y, signal, check=stage.check_update))
         return None
 
     def state_dict(self) -> dict:
