@@ -6,7 +6,10 @@ import argparse
 import json
 import sys
 
+from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
+from .stage import NonFiniteError
+from .stopping import RunFailed, RunStopped
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,7 +26,10 @@ def _parser() -> argparse.ArgumentParser:
     }
     for name, text in helps.items():
         p = sub.add_parser(name, help=text, description=text)
-        p.add_argument("--config", required=True, help="YAML config file")
+        p.add_argument("--config", required=name != "train", help="YAML config file")
+        if name == "train":
+            p.add_argument("--resume", metavar="RUN_DIR",
+                           help="continue the run in RUN_DIR from its latest checkpoint (with its own config)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="override config fields, e.g. train.epochs=3")
     return parser
 
@@ -31,6 +37,17 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "train" and args.resume:
+            if args.config or args.overrides:
+                raise ConfigError("--resume: continues a run with the config it started with; "
+                                  "give neither --config nor overrides")
+            from .train import resume
+
+            summary = resume(args.resume)
+            print(json.dumps({k: summary[k] for k in ("run_dir", "method", "stages", "samples_per_sec", "test_accuracy")}))
+            return 0
+        if not args.config:
+            raise ConfigError("--config: required (or --resume RUN_DIR)")
         cfg = load_config(args.config, args.overrides)
         if args.command == "train":
             from .train import train
@@ -55,6 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RunStopped as stopped:
+        print(f"decoupled: {stopped}", file=sys.stderr)
+        return 130
+    except (CheckpointError, NonFiniteError, RunFailed) as err:  # named stage/step/file: no traceback needed
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

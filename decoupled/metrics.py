@@ -29,12 +29,14 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 class MetricsLogger:
     """TensorBoard scalars for one run (a no-op when TensorBoard is switched off)."""
 
-    def __init__(self, log_dir: Path, enabled: bool = True) -> None:
+    def __init__(self, log_dir: Path, enabled: bool = True, purge_step: int | None = None) -> None:
+        """``purge_step``: on resume, TensorBoard hides what the interrupted run logged from this step on,
+        so the curves continue from the checkpoint instead of doubling back."""
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when used
 
-            self.writer = SummaryWriter(log_dir=str(log_dir))
+            self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def scalars(self, step: int, values: dict[str, float | torch.Tensor]) -> None:
         if self.writer is None:

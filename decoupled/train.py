@@ -7,7 +7,8 @@ from pathlib import Path
 import yaml
 from torch import nn
 
-from .config import Config, ConfigError, build_config
+from . import checkpoint
+from .config import Config, ConfigError, build_config, load_config
 from .data import Dataset, load_dataset
 from .metrics import write_json_atomic
 from .pipeline import configure_threads, plan_stages, resolve_device, steps_per_epoch
@@ -61,11 +62,13 @@ def prepare(cfg: Config) -> tuple[Config, Dataset]:
     return build_config(data), dataset
 
 
-def train(config: Config | dict, run_dir: Path | None = None, dataset: Dataset | None = None, workers=None) -> dict:
+def train(config: Config | dict, run_dir: Path | None = None, dataset: Dataset | None = None, workers=None,
+          resume: tuple[Path, dict] | None = None) -> dict:
     """Train one run and return its summary (also written to ``<run_dir>/summary.json``).
 
     ``dataset`` (with a config from ``prepare``) skips the checks and ``workers`` (a started
-    ``RayWorkers``) the start-up: ``compare`` does both once for all its runs.
+    ``RayWorkers``) the start-up: ``compare`` does both once for all its runs. ``resume``
+    (a checkpoint of ``run_dir``, see ``resume``) continues that run.
     """
     cfg = as_config(config)
     if dataset is None:
@@ -74,18 +77,37 @@ def train(config: Config | dict, run_dir: Path | None = None, dataset: Dataset |
         from .runtime.ray_runtime import RayWorkers
 
         with RayWorkers(cfg) as workers:  # the cluster is checked before the run directory exists
-            return train(cfg, run_dir, dataset, workers)
+            return train(cfg, run_dir, dataset, workers, resume)
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg.output.dir, cfg.name)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    if resume is None:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     if cfg.resolved_runtime() == "ray":
         from .runtime.ray_runtime import train_ray
 
-        summary = train_ray(cfg, run_dir, dataset, workers)
+        summary = train_ray(cfg, run_dir, dataset, workers, resume)
     else:
         from .runtime.inprocess import train_inprocess
 
-        summary = train_inprocess(cfg, run_dir, dataset)
+        summary = train_inprocess(cfg, run_dir, dataset, resume)
     summary["run_dir"] = str(run_dir)
     write_json_atomic(run_dir / "summary.json", summary)
     return summary
+
+
+def resume(run_dir: Path | str) -> dict:
+    """Continue the run in ``run_dir`` from its latest complete checkpoint, with the config it started with."""
+    run_dir = Path(run_dir)
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise ConfigError(f"--resume: {run_dir} is not a run directory (no config.yaml)")
+    cfg = load_config(config_file)
+    found = checkpoint.latest(run_dir)
+    if found is None:
+        raise ConfigError(f"--resume: {run_dir} has no complete checkpoint (checkpoints/step-*/manifest.json)")
+    directory, manifest = found
+    runtime = cfg.resolved_runtime()
+    if manifest.get("runtime") != runtime:
+        raise ConfigError(f"--resume: {directory} was written by the {manifest.get('runtime')} runtime, "
+                          f"the config runs {runtime}")
+    return train(cfg, run_dir, resume=found)

@@ -43,7 +43,7 @@ class PredictorCoordinator:
             self.trainers[boundary] = PredictorTrainer(predictor, c.predictor_lr, c.predictor_optimizer)
             self.queues[boundary] = collections.deque()
             self.published[boundary] = (0, state)
-            self.stats_[boundary] = {"version": 0, "samples": 0, "dropped": 0}
+            self.stats_[boundary] = {"version": 0, "samples": 0, "dropped": 0, "nonfinite_samples": 0}
         threading.Thread(target=self._train_loop, args=(boundary,), name=f"predictor-{boundary}",
                          daemon=True).start()
 
@@ -76,6 +76,10 @@ class PredictorCoordinator:
                 with self.cv:
                     self.cv.wait_for(lambda: bool(queue))
                     h, y, grad = queue.popleft()
+                if not (bool(torch.isfinite(h).all()) and bool(torch.isfinite(grad).all())):
+                    with self.cv:  # the stage skipped (or stopped at) that batch; it must not poison the predictor
+                        self.stats_[boundary]["nonfinite_samples"] += 1
+                    continue
                 metrics = trainer.update(h, y, grad)
                 snapshot = {k: v.detach().clone() for k, v in trainer.predictor.state_dict().items()}
                 with self.cv:

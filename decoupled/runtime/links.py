@@ -42,11 +42,35 @@ def in_flight_bound(max_in_flight: int) -> int:
 
 
 class LinkTimeout(TimeoutError):
-    """A peer did not send or receive within the configured time."""
+    """A peer did not send or receive within the configured time; ``peer`` is its rank (the one to blame)."""
+
+    def __init__(self, message: str, peer: int | None = None) -> None:
+        super().__init__(message)
+        self.peer = peer
+
+    def __reduce__(self):  # keeps ``peer`` when Ray carries the error to the driver
+        return type(self), (str(self), self.peer)
 
 
 class LinkClosed(RuntimeError):
     """The link's background thread died (peer gone, process group destroyed)."""
+
+
+class LinkAborted(RuntimeError):
+    """``abort_waits`` was called: the worker is being stopped (a peer failed), so nothing waits on."""
+
+
+# One stage worker per process: setting this ends every wait on every link of the process.
+_abort = threading.Event()
+_SLICE_S = 0.1  # waits wake this often to notice an abort or a failed link thread
+
+
+def abort_waits() -> None:
+    _abort.set()
+
+
+def allow_waits() -> None:
+    _abort.clear()
 
 
 @dataclass
@@ -73,6 +97,22 @@ class _Link:
         if self.error is not None:
             raise LinkClosed(f"link {self.name} (peer rank {self.peer}) failed: {self.error!r}") from self.error
 
+    def _wait(self, op, timeout: float, what: str):
+        """``op(seconds)`` (a queue get/put) in short slices: a failed link thread or an abort ends the wait
+        at once instead of after ``timeout``; raises LinkTimeout(``what``) when the time is up."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if _abort.is_set():
+                raise LinkAborted(f"link {self.name}: stopped while waiting")
+            self._check()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise LinkTimeout(what, self.peer)
+            try:
+                return op(min(_SLICE_S, remaining))
+            except (queue.Empty, queue.Full):
+                continue
+
 
 class SendLink(_Link):
     def __init__(self, name: str, peer: int, group: "LinkGroup", max_in_flight: int, timeout_s: float) -> None:
@@ -93,19 +133,15 @@ class SendLink(_Link):
         self._put(Message(STOP, step))
         self._thread.join(self.timeout_s)
         if self._thread.is_alive():
-            raise LinkTimeout(f"link {self.name}: rank {self.peer} did not take the stop message within {self.timeout_s:.0f} s")
+            raise LinkTimeout(f"link {self.name}: rank {self.peer} did not take the stop message within "
+                              f"{self.timeout_s:.0f} s", self.peer)
         self._check()
 
     def _put(self, message: Message) -> float:
-        self._check()
         start = time.perf_counter()
-        try:
-            self.queue.put(message, timeout=self.timeout_s)
-        except queue.Full:
-            raise LinkTimeout(
-                f"link {self.name}, step {message.step}: rank {self.peer} took nothing for {self.timeout_s:.0f} s "
-                f"({self.depth} messages waiting)"
-            ) from None
+        self._wait(lambda t: self.queue.put(message, timeout=t), self.timeout_s,
+                   f"link {self.name}, step {message.step}: rank {self.peer} took nothing for {self.timeout_s:.0f} s "
+                   f"({self.depth} messages waiting)")
         return time.perf_counter() - start
 
     def _run(self) -> None:
@@ -147,15 +183,13 @@ class RecvLink(_Link):
     def recv(self, step: int | None = None, timeout_s: float | None = None) -> Message:
         """The next message; waits at most the link's timeout. ``step`` only names the wait in errors."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
-        try:
-            return self.queue.get(timeout=timeout)
+        try:  # what is already here is delivered even after the link thread ended (its STOP, say)
+            return self.queue.get_nowait()
         except queue.Empty:
-            self._check()
-            at = f", step {step}" if step is not None else ""
-            raise LinkTimeout(
-                f"link {self.name}{at}: nothing from rank {self.peer} within {timeout:.0f} s "
-                f"(last message: step {self.last_step})"
-            ) from None
+            pass
+        at = f", step {step}" if step is not None else ""
+        return self._wait(self.queue.get, timeout, f"link {self.name}{at}: nothing from rank {self.peer} within "
+                          f"{timeout:.0f} s (last message: step {self.last_step})")
 
     def poll(self) -> Message | None:
         """The next message if one is already here, else None."""

@@ -12,16 +12,21 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .. import checkpoint
 from ..config import Config, ConfigError
 from ..data import Dataset
-from ..metrics import MetricsLogger
+from ..metrics import MetricsLogger, write_json_atomic
 from ..pipeline import steps_per_epoch, total_steps
+from ..stage import NonFiniteError
+from ..stopping import RunFailed, RunStopped, StopRequest
+from .links import LinkTimeout
 from .worker import StageWorker, execution_mode
 
 _STAGE_KEYS = ("compute_s", "wait_input_s", "wait_send_s", "wait_feedback_s")
@@ -72,6 +77,11 @@ class RayWorkers:
                 if c.host in ("127.0.0.1", "localhost"):  # the workers' gloo/NCCL sockets too
                     self.env = {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
             self.started_ray = True
+        self._start_actors()
+
+    def _start_actors(self) -> None:
+        """The placement group, one actor per bundle, and their process group."""
+        ray, c = _ray(), self.cfg.cluster
         gpus = self._check_resources()
         self.device = "cuda" if gpus else "cpu"
         from ray.util.placement_group import placement_group
@@ -79,11 +89,11 @@ class RayWorkers:
 
         bundle = {"CPU": c.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
         self.pg = placement_group([bundle] * self.size, strategy=c.strategy)
-        timeout = self.cfg.links.timeout_s
+        timeout = self.cfg.cluster.start_timeout_s
         ready, _ = ray.wait([self.pg.ready()], timeout=timeout)
         if not ready:
             raise RuntimeError(f"cluster: the placement group of {self.size} x {bundle} was not ready within "
-                               f"{timeout:.0f} s (links.timeout_s); resources now: {ray.available_resources()}")
+                               f"{timeout:.0f} s (cluster.start_timeout_s); resources now: {ray.available_resources()}")
         actor = ray.remote(StageWorker)
         self.actors = [
             actor.options(
@@ -96,8 +106,9 @@ class RayWorkers:
         where = ray.get(self.actors[0].where.remote(), timeout=timeout)
         port = ray.get(self.actors[0].open_store.remote(where["ip"], timeout), timeout=timeout)
         backend = "nccl" if gpus else "gloo"
-        ray.get([a.init_process_group.remote(where["ip"], port, backend, timeout) for a in self.actors],
-                timeout=timeout + 30)
+        # collectives (ddp) and the pipelining schedules' transfers give up after links.timeout_s
+        ray.get([a.init_process_group.remote(where["ip"], port, backend, timeout, self.cfg.links.timeout_s)
+                 for a in self.actors], timeout=timeout + 30)
 
     def _check_resources(self) -> int:
         """GPUs per worker; refuse, with the numbers, a request the cluster cannot meet."""
@@ -119,15 +130,25 @@ class RayWorkers:
             )
         return gpus
 
+    def restart(self) -> None:
+        """New actors (and a new placement group, which Ray places on the nodes still there)."""
+        self._stop_actors(graceful=False)
+        self._start_actors()
+
     def stop(self) -> None:
         ray = _ray()
         if not ray.is_initialized():
             return
+        self._stop_actors()
+        if self.started_ray:
+            ray.shutdown()
+            self.started_ray = False
+
+    def _stop_actors(self, graceful: bool = True) -> None:
+        ray = _ray()
+        if graceful and self.actors:  # leave the process groups cleanly; a dead or hung worker is killed anyway
+            ray.wait([a.shutdown.remote() for a in self.actors], num_returns=len(self.actors), timeout=10)
         for a in self.actors:
-            try:
-                ray.get(a.shutdown.remote(), timeout=10)
-            except Exception:  # a dead or hung worker: it is killed below anyway
-                pass
             ray.kill(a)
         self.actors = []
         if self.pg is not None:
@@ -135,98 +156,326 @@ class RayWorkers:
 
             remove_placement_group(self.pg)
             self.pg = None
-        if self.started_ray:
-            ray.shutdown()
-            self.started_ray = False
 
 
-def train_ray(cfg: Config, run_dir: Path, dataset: Dataset, workers: RayWorkers | None = None) -> dict:
-    """Train ``cfg`` with one Ray actor per stage; returns the run's summary."""
+class WorkerFailure(Exception):
+    """A stage worker died or failed in a way a restart from the last checkpoint can cure."""
+
+    def __init__(self, rank: int, cause: str) -> None:
+        super().__init__(f"stage {rank}: {cause}")
+        self.rank, self.cause = rank, cause
+
+
+def train_ray(cfg: Config, run_dir: Path, dataset: Dataset, workers: RayWorkers | None = None,
+              resume: tuple[Path, dict] | None = None) -> dict:
+    """Train ``cfg`` with one Ray actor per stage; returns the run's summary.
+
+    ``resume``: a checkpoint (directory, manifest) of ``run_dir`` to continue from.
+    """
     if workers is None:
         with RayWorkers(cfg) as own:
-            return train_ray(cfg, run_dir, dataset, own)
-    ray = _ray()
-    start = time.perf_counter()
-    timeout = cfg.links.timeout_s
-    mode = execution_mode(cfg)
-    coordinators: list = []
-    if cfg.method.name == "dni" and cfg.method.predictor_training == "coordinator" and cfg.split.stages > 1:
-        from .coordinator import PredictorCoordinator
+            return train_ray(cfg, run_dir, dataset, own, resume)
+    return _RayRun(cfg, Path(run_dir), dataset, workers).run(resume)
 
-        # One actor per boundary, so no predictor waits behind another's training (or its GIL).
-        # num_cpus=0: they share the workers' cores rather than holding cores of their own.
-        coordinators = [ray.remote(PredictorCoordinator).options(num_cpus=0, max_concurrency=4).remote(
-            cfg.method.model_dump(mode="json"), dataset.num_classes) for _ in range(cfg.split.stages - 1)]
-    # Only workers that read inputs get the data; the others get shapes and labels (for step counts).
-    full, light = ray.put(dataset), ray.put(dataset.without_inputs())
-    actors = workers.actors
-    reads = [k == 0 or mode in ("ddp", "single") for k in range(len(actors))]
-    infos = ray.get([a.setup_run.remote(cfg.model_dump(mode="json"), full if r else light, coordinators)
-                     for a, r in zip(actors, reads)], timeout=timeout + 60)
-    active = [a for a, info in zip(actors, infos) if "index" in info]
-    logger = MetricsLogger(run_dir, cfg.output.tensorboard)
-    steps = total_steps(cfg, dataset, len(active) if mode == "ddp" else 1)
-    progress = tqdm(total=steps, desc=f"{cfg.method.display_name()} ray x{len(active)}", unit="step",
-                    disable=None if cfg.train.progress else True, leave=False)
-    evals, timed_samples, timed_seconds = [], 0, 0.0
-    epoch_stats: list[dict] = []
-    try:
-        for epoch in range(_epochs(cfg, dataset, mode, len(active))):
-            refs = [a.train_epoch.remote(epoch) for a in active]
-            pending = list(refs)
-            while pending:
-                ready, pending = ray.wait(pending, num_returns=len(pending), timeout=cfg.train.metrics_every_s)
-                ray.get(ready)  # a stage that failed is reported now, not when its peers time out
-                snapshots = ray.get([a.metrics.remote() for a in active], timeout=timeout)
-                step = _log_progress(logger, snapshots, coordinators)
-                progress.update(max(0, step - progress.n))
-            before = epoch_stats
-            epoch_stats = ray.get(refs, timeout=timeout)  # raises here if a worker failed, naming its error
-            samples, seconds = _epoch_throughput(epoch_stats, before, mode)
-            timed_samples += samples
-            timed_seconds += seconds
-            result = _evaluate(ray, active, timeout)
-            evals.append(result)
-            values = {"test/accuracy": result["test_accuracy"]}
-            if seconds > 0:
-                values["throughput/samples_per_sec"] = samples / seconds
-            values.update({f"test/aux_accuracy_stage{k}": a for k, a in enumerate(result["aux_accuracy"])
-                           if a is not None})
-            logger.scalars(epoch_stats[0]["steps"], values)
-            progress.set_description(f"{cfg.method.display_name()} ray x{len(active)} "
-                                     f"test acc {result['test_accuracy']:.3f}")
-        final_metrics = ray.get([a.metrics.remote() for a in active], timeout=timeout)
-        ray.get([a.teardown_run.remote() for a in active], timeout=timeout + 30)
-    finally:
-        progress.close()
-        logger.close()
-        for coordinator in coordinators:
+
+class _RayRun:
+    """One run on started workers: epochs, checkpoints, and recovery from a lost worker.
+
+    Recovery: when a worker dies (or fails so that its peers cannot go on), every worker is
+    restarted (a new placement group, so stages of a lost node land on the nodes left) and
+    the run continues from the newest complete checkpoint; at most one checkpoint interval
+    of steps is trained again.
+    """
+
+    def __init__(self, cfg: Config, run_dir: Path, dataset: Dataset, workers: RayWorkers) -> None:
+        self.cfg, self.run_dir, self.dataset, self.workers = cfg, run_dir, dataset, workers
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.ray = _ray()
+        self.mode = execution_mode(cfg)
+        self.timeout = cfg.links.timeout_s
+        self.coordinators: list = []
+        self.restarts = [0] * workers.size
+        self.failures: list[dict] = []
+        self.evals: list[dict] = []
+        self.steps_done = 0
+        self.resumed_from: int | None = None
+        self.timed_samples, self.timed_seconds = 0, 0.0
+        self.logger: MetricsLogger | None = None
+        self.manifests: set[int] = set()
+        self.progress = 0  # steps every worker has finished, as last seen
+
+    # ------------------------------------------------------------------ set-up
+
+    def _setup(self, resume: tuple[Path, dict] | None, rescued: dict[int, tuple[Path, int]] | None = None) -> None:
+        """Build every worker's stage (from ``resume``'s checkpoint, if any) and the DNI coordinators.
+
+        ``rescued``: rank -> (directory, steps done) of workers whose in-memory state outlived a failure;
+        they start from it rather than from the checkpoint.
+        """
+        rescued = rescued or {}
+        ray, cfg = self.ray, self.cfg
+        for coordinator in self.coordinators:
             ray.kill(coordinator)
-    final = evals[-1]
-    stage_stats = [_stage_summary(k, s) for k, s in enumerate(final_metrics)]
-    losses = [s.get("stage_metrics", {}).get("loss") for s in final_metrics]
-    return {
-        "name": cfg.name,
-        "method": cfg.method.name,
-        "label": cfg.method.display_name(),
-        "schedule": cfg.method.schedule or mode if cfg.method.name == "backprop" else None,
-        "runtime": "ray",
-        "stages": cfg.split.stages if mode not in ("single", "ddp") else 1,
-        "workers": len(active),
-        "split": [{"index": k, "blocks": b} for k, b in enumerate(_blocks(cfg))],
-        "epochs": len(evals),
-        "steps": final_metrics[0]["steps"],
-        "batch_size": cfg.train.batch_size,
-        "samples_per_sec": timed_samples / timed_seconds if timed_seconds > 0 else float("nan"),
-        "test_accuracy": final["test_accuracy"],
-        "aux_accuracy": final["aux_accuracy"],
-        "test_accuracy_per_epoch": [e["test_accuracy"] for e in evals],
-        "final_loss": next((x for x in reversed(losses) if x is not None), None),
-        "wall_seconds": time.perf_counter() - start,
-        "peak_memory_mb": max(s["peak_memory_mb"] for s in stage_stats),
-        "stage_stats": stage_stats,
-        "stage_info": [{k: info[k] for k in ("index", "pid", "node", "device")} for info in infos if "index" in info],
-    }
+        self.coordinators = []
+        if cfg.method.name == "dni" and cfg.method.predictor_training == "coordinator" and cfg.split.stages > 1:
+            from .coordinator import PredictorCoordinator
+
+            # One actor per boundary, so no predictor waits behind another's training (or its GIL).
+            # num_cpus=0: they share the workers' cores rather than holding cores of their own.
+            self.coordinators = [ray.remote(PredictorCoordinator).options(num_cpus=0, max_concurrency=4).remote(
+                cfg.method.model_dump(mode="json"), self.dataset.num_classes) for _ in range(cfg.split.stages - 1)]
+        # Only workers that read inputs get the data; the others get shapes and labels (for step counts).
+        full, light = ray.put(self.dataset), ray.put(self.dataset.without_inputs())
+        actors = self.workers.actors
+        reads = [k == 0 or self.mode in ("ddp", "single") for k in range(len(actors))]
+        dirs = [str(rescued[k][0]) if k in rescued else str(resume[0]) if resume is not None else None
+                for k in range(len(actors))]
+        refs = [a.setup_run.remote(cfg.model_dump(mode="json"), full if r else light, self.coordinators,
+                                   str(self.run_dir), d) for a, r, d in zip(actors, reads, dirs)]
+        self.infos = self._get_all(refs, cfg.cluster.start_timeout_s, step=None)
+        self.active = [a for a, info in zip(actors, self.infos) if "index" in info]
+        # which process and node runs each stage now (operators look here; it changes on a restart)
+        write_json_atomic(self.run_dir / "workers.json", {
+            "stages": [{k: info[k] for k in ("index", "pid", "node", "node_id", "ip", "device")} for info in self.infos
+                       if "index" in info],
+            "restarts": self.restarts})
+        self.per_epoch = steps_per_epoch(cfg, self.dataset, len(self.active) if self.mode == "ddp" else 1)
+        self.total = total_steps(cfg, self.dataset, len(self.active) if self.mode == "ddp" else 1)
+        # stage 0 reads the data: where it stands is where the run stands
+        self.steps_done = rescued[0][1] if 0 in rescued else resume[1]["steps_done"] if resume is not None else 0
+        self.progress = self.steps_done
+        if not rescued:  # after a rescue the driver's own list stands: it lived through the failure
+            self.evals = list(resume[1]["evals"]) if resume is not None else []
+        if self.logger is not None:
+            self.logger.close()
+        # on resume, TensorBoard drops what was logged after the checkpoint: the curves continue from it
+        self.logger = MetricsLogger(self.run_dir, cfg.output.tensorboard,
+                                    purge_step=self.steps_done + 1 if self.steps_done else None)
+
+    # -------------------------------------------------------------- the run
+
+    def run(self, resume: tuple[Path, dict] | None) -> dict:
+        start = time.perf_counter()
+        self.resumed_from = resume[1]["steps_done"] if resume is not None else None
+        cfg = self.cfg
+        try:
+            self._setup(resume)
+            with StopRequest() as stop:
+                while True:
+                    try:
+                        final_metrics = self._train(stop)
+                        break
+                    except WorkerFailure as failure:
+                        self._recover(failure)
+            self._get_all([a.teardown_run.remote() for a in self.active], self.timeout + 30, step=self.steps_done)
+        finally:
+            if self.logger is not None:
+                self.logger.close()
+            for coordinator in self.coordinators:
+                self.ray.kill(coordinator)
+        final = self.evals[-1]
+        stage_stats = [_stage_summary(k, s) for k, s in enumerate(final_metrics)]
+        losses = [s.get("stage_metrics", {}).get("loss") for s in final_metrics]
+        mode = self.mode
+        return {
+            "name": cfg.name,
+            "method": cfg.method.name,
+            "label": cfg.method.display_name(),
+            "schedule": cfg.method.schedule or mode if cfg.method.name == "backprop" else None,
+            "runtime": "ray",
+            "stages": cfg.split.stages if mode not in ("single", "ddp") else 1,
+            "workers": len(self.active),
+            "split": [{"index": k, "blocks": b} for k, b in enumerate(_blocks(cfg))],
+            "epochs": len(self.evals),
+            "steps": self.steps_done,
+            "batch_size": cfg.train.batch_size,
+            "samples_per_sec": self.timed_samples / self.timed_seconds if self.timed_seconds > 0 else float("nan"),
+            "test_accuracy": final["test_accuracy"],
+            "aux_accuracy": final["aux_accuracy"],
+            "test_accuracy_per_epoch": [e["test_accuracy"] for e in self.evals],
+            "final_loss": next((x for x in reversed(losses) if x is not None), None),
+            "wall_seconds": time.perf_counter() - start,
+            "peak_memory_mb": max(s["peak_memory_mb"] for s in stage_stats),
+            "stage_stats": stage_stats,
+            "stage_info": [{k: info[k] for k in ("index", "pid", "node", "node_id", "device")} for info in self.infos
+                           if "index" in info],
+            "restarts": list(self.restarts),
+            "failures": self.failures,
+            "resumed_from_step": self.resumed_from,
+        }
+
+    def _train(self, stop: StopRequest) -> list[dict]:
+        """Epochs from ``steps_done`` to the end; returns the workers' final metrics."""
+        ray, cfg = self.ray, self.cfg
+        epochs = _epochs(cfg, self.dataset, self.mode, len(self.active))
+        progress = tqdm(total=self.total, initial=self.steps_done, desc=f"{cfg.method.display_name()} ray x"
+                        f"{len(self.active)}", unit="step", disable=None if cfg.train.progress else True, leave=False)
+        epoch_stats: list[dict] = []
+        stopping = False
+        try:
+            if len(self.evals) < min(self.steps_done // self.per_epoch, epochs):  # a failure hit during one
+                self.evals.append(_evaluate(lambda refs: self._get_all(refs, self.timeout, self.steps_done),
+                                            self.active))
+            for epoch in range(self.steps_done // self.per_epoch, epochs):
+                if self.steps_done >= self.total:
+                    break
+                refs = [a.train_epoch.remote(epoch) for a in self.active]
+                pending = list(refs)
+                while pending:
+                    ready, pending = ray.wait(pending, num_returns=len(pending), timeout=cfg.train.metrics_every_s)
+                    if ready:
+                        self._get_all(ready, self.timeout, self.progress, refs)  # a failure is seen now
+                    snapshots = self._get_all([a.metrics.remote() for a in self.active], self.timeout,
+                                              self.progress)
+                    step = _log_progress(self.logger, snapshots, self.coordinators)
+                    self.progress = max(self.progress, min(s.get("last_step", -1) for s in snapshots) + 1)
+                    progress.update(max(0, step - progress.n))
+                    self._write_manifests(snapshots)
+                    if stop.requested and not stopping:
+                        stopping = True
+                        self._request_stop()
+                before = epoch_stats
+                epoch_stats = self._get_all(refs, self.timeout, self.progress)
+                self.steps_done = min(s["last_step"] for s in epoch_stats) + 1
+                if stopping and self.steps_done % self.per_epoch and self.steps_done != self.total:
+                    self._manifest(self.steps_done)  # mid-epoch: no evaluation until the epoch is done
+                    raise RunStopped(self.run_dir, self.steps_done)
+                samples, seconds = _epoch_throughput(epoch_stats, before, self.mode)
+                self.timed_samples += samples
+                self.timed_seconds += seconds
+                result = _evaluate(lambda refs: self._get_all(refs, self.timeout, self.steps_done), self.active)
+                self.evals.append(result)
+                values = {"test/accuracy": result["test_accuracy"]}
+                if seconds > 0:
+                    values["throughput/samples_per_sec"] = samples / seconds
+                values.update({f"test/aux_accuracy_stage{k}": a for k, a in enumerate(result["aux_accuracy"])
+                               if a is not None})
+                values.update({f"recovery/restarts_stage{k}": n for k, n in enumerate(self.restarts)})
+                self.logger.scalars(self.steps_done, values)
+                progress.set_description(f"{cfg.method.display_name()} ray x{len(self.active)} "
+                                         f"test acc {result['test_accuracy']:.3f}")
+                self._manifest(self.steps_done)  # the epoch's end, with its evaluation
+                if stop.requested and self.steps_done < self.total:
+                    raise RunStopped(self.run_dir, self.steps_done)
+            return self._get_all([a.metrics.remote() for a in self.active], self.timeout, self.steps_done)
+        finally:
+            progress.close()
+
+    # ------------------------------------------------------------ checkpoints
+
+    def _write_manifests(self, snapshots: list[dict]) -> None:
+        """Mid-epoch checkpoints that every worker has written become complete (epoch ends wait for
+        their evaluation)."""
+        if not self.cfg.checkpoint.enabled or not snapshots or not all(s for s in snapshots):
+            return
+        common = set.intersection(*(set(s.get("checkpoints", ())) for s in snapshots))
+        for steps_done in sorted(common - self.manifests):
+            if steps_done % self.per_epoch and steps_done != self.total:
+                self._manifest(steps_done)
+
+    def _manifest(self, steps_done: int) -> None:
+        if not self.cfg.checkpoint.enabled or steps_done in self.manifests:
+            return
+        checkpoint.write_manifest(self.run_dir, steps_done, len(self.active), runtime="ray", mode=self.mode,
+                                  method=self.cfg.method.display_name(), evals=self.evals,
+                                  restarts=self.restarts)
+        self.manifests.add(steps_done)
+        checkpoint.prune(self.run_dir, self.cfg.checkpoint.keep)
+
+    def _request_stop(self) -> None:
+        """Ask the workers to end the epoch a few steps from now; the epoch's end writes the checkpoint."""
+        snaps = self._get_all([a.metrics.remote() for a in self.active], self.timeout, self.steps_done)
+        newest = max(s.get("last_step", -1) for s in snaps)
+        margin = 2
+        if self.mode in ("gpipe", "1f1b", "ddp"):  # lockstep: no worker may be past the stop step already
+            steps, busy = max(s["steps"] for s in snaps), max(s["compute_s"] for s in snaps)
+            margin += math.ceil(0.5 / (busy / steps)) if steps and busy else 10
+        at = newest + 1 + margin
+        self._get_all([a.request_stop.remote(at) for a in self.active], self.timeout, self.steps_done)
+
+    # --------------------------------------------------------------- failures
+
+    def _get_all(self, refs: list, timeout: float, step: int | None, all_refs: list | None = None) -> list:
+        """``ray.get`` that turns a lost or failed worker into ``WorkerFailure`` (or re-raises what a restart
+        cannot cure: bad input, non-finite numbers), blaming a dead process over the peers it left waiting."""
+        ray = self.ray
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+        try:
+            return ray.get(refs, timeout=timeout)
+        except (RayActorError, RayTaskError, GetTimeoutError):
+            pass
+        # find the culprit: give every call of this round a moment to finish or fail
+        candidates = all_refs or refs
+        ray.wait(candidates, num_returns=len(candidates), timeout=min(5.0, timeout))
+        failures: list[tuple[int, int, str]] = []  # (priority, rank, cause)
+        for i, ref in enumerate(candidates):
+            rank = self._rank_of(i, len(candidates))
+            try:
+                ray.get(ref, timeout=0)
+            except RayActorError as err:
+                failures.append((0, rank, f"worker process died ({type(err).__name__}: {_first_line(err)})"))
+            except RayTaskError as err:
+                cause = err.cause
+                if isinstance(cause, (NonFiniteError, ConfigError, checkpoint.CheckpointError, RunFailed)):
+                    raise cause from None
+                if isinstance(cause, LinkTimeout) and cause.peer is not None:  # the stuck peer is to blame
+                    failures.append((1, cause.peer, f"stuck: {cause}"))
+                else:
+                    failures.append((2, rank, f"{type(cause).__name__}: {cause}"))
+            except GetTimeoutError:
+                continue
+        if not failures:
+            rank = self._rank_of(0, len(refs))
+            failures.append((3, rank, f"no answer within {timeout:.0f} s (links.timeout_s)"))
+        _, rank, cause = min(failures)
+        raise WorkerFailure(rank, f"{cause} (at step {step})" if step is not None else cause)
+
+    def _rank_of(self, i: int, n: int) -> int:
+        if n == len(self.workers.actors):
+            return i
+        ranks = [k for k, info in enumerate(getattr(self, "infos", [])) if "index" in info] or list(range(n))
+        return ranks[i] if i < len(ranks) else i
+
+    def _recover(self, failure: WorkerFailure) -> None:
+        rank = failure.rank
+        self.restarts[rank] += 1
+        found = checkpoint.latest(self.run_dir) if self.cfg.checkpoint.enabled else None
+        record = {"stage": rank, "steps_done": self.progress, "checkpoint_step": found[1]["steps_done"] if found else 0,
+                  "cause": failure.cause, "time": time.time(), "kept_in_memory": []}
+        self.failures.append(record)
+        limit = self.cfg.recovery.max_restarts
+        if self.restarts[rank] > limit:
+            raise RunFailed(f"stage {rank} failed {self.restarts[rank]} times (recovery.max_restarts: {limit}); "
+                            f"last failure near step {self.progress}: {failure.cause}")
+        rescued = self._rescue(rank)
+        record["kept_in_memory"] = sorted(rescued)
+        where = f"the checkpoint after step {found[1]['steps_done']}" if found else "the start (no checkpoint yet)"
+        if rescued:
+            where = f"{where}; stage(s) {sorted(rescued)} keep their in-memory state"
+        print(f"decoupled: {failure}; restarting the workers from {where} "
+              f"(restart {self.restarts[rank]} of {limit} for stage {rank})", file=sys.stderr, flush=True)
+        self.workers.restart()
+        self.manifests.clear()
+        self._setup(found, rescued)
+        for directory, _ in rescued.values():
+            shutil.rmtree(directory, ignore_errors=True)
+
+    def _rescue(self, failed: int) -> dict[int, tuple[Path, int]]:
+        """Decoupled modes: save the surviving workers' in-memory state (newer than any checkpoint)."""
+        if self.mode != "decoupled" or not self.cfg.checkpoint.enabled:
+            return {}
+        directory = checkpoint.root(self.run_dir) / f"rescue-{sum(self.restarts)}"
+        refs = {k: a.rescue.remote(str(directory), 10.0) for k, a in enumerate(self.active) if k != failed}
+        out = {}
+        for k, ref in refs.items():
+            try:
+                steps_done = self.ray.get(ref, timeout=30)
+            except Exception:  # lost as well: it starts from the checkpoint
+                continue
+            if steps_done is not None:
+                out[k] = (directory, steps_done)
+        return out
 
 
 def _epochs(cfg: Config, dataset: Dataset, mode: str, workers: int) -> int:
@@ -256,8 +505,8 @@ def _epoch_throughput(stats: list[dict], before: list[dict], mode: str) -> tuple
     return stats[0]["timed_samples"] - prev[0], end - stats[0]["epoch_first"]
 
 
-def _evaluate(ray, actors: list, timeout: float) -> dict:
-    results = [r for r in ray.get([a.evaluate.remote() for a in actors], timeout=timeout) if r]
+def _evaluate(get, actors: list) -> dict:
+    results = [r for r in get([a.evaluate.remote() for a in actors]) if r]
     final = next(r for r in results if r["is_last"])
     aux = [r["aux_correct"] / r["count"] if r["has_aux"] else None for r in results if not r["is_last"]]
     return {"test_accuracy": final["correct"] / final["count"], "aux_accuracy": aux}
@@ -266,6 +515,10 @@ def _evaluate(ray, actors: list, timeout: float) -> dict:
 def _fractions(s: dict) -> dict[str, float]:
     total = sum(s[k] for k in _STAGE_KEYS) or 1.0
     return {f"{k[:-2]}_fraction": s[k] / total for k in _STAGE_KEYS}  # compute_s -> compute_fraction
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def _log_progress(logger: MetricsLogger, snapshots: list[dict], coordinators: list) -> int:

@@ -45,3 +45,11 @@ class ReplayBuffer:
 
     def clear(self) -> None:
         self._entries.clear()
+
+    def state_dict(self) -> dict:
+        """Entries and use counts, for checkpoints (items must be tensors or plain containers)."""
+        return {"entries": [(e.item, e.uses, e.order) for e in self._entries], "added": self._added}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._entries = [_Entry(item, uses, order) for item, uses, order in state["entries"]]
+        self._added = state["added"]

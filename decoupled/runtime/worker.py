@@ -23,19 +23,22 @@ import collections
 import os
 import random
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from .. import checkpoint
 from ..config import Config, build_config
 from ..data import Dataset, iterate_batches
 from ..metrics import PeakMemory
 from ..pipeline import build_stages, steps_per_epoch, total_steps
 from ..rules import Feedback
-from .links import DATA, EPOCH_END, EVAL, EVAL_END, STOP, RecvLink, SendLink, link_groups
+from .links import DATA, EPOCH_END, EVAL, EVAL_END, STOP, RecvLink, SendLink, abort_waits, allow_waits, link_groups
 from .replay import ReplayBuffer
 
 
@@ -68,12 +71,15 @@ class StageWorker:
         self.groups: dict = {}
         self.links: dict[str, object] = {}
         self.stats: dict = {}
+        self.idle = threading.Event()  # set while no epoch runs: ``rescue`` reads the state only then
+        self.idle.set()
 
     # ------------------------------------------------------------------ set-up
 
     def where(self) -> dict:
         gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
-        return {"pid": os.getpid(), "node": socket.gethostname(), "ip": _node_ip(), "gpus": gpus}
+        return {"pid": os.getpid(), "node": socket.gethostname(), "node_id": _node_id(), "ip": _node_ip(),
+                "gpus": gpus}
 
     def open_store(self, address: str, timeout_s: float) -> int:
         """Rank 0: the rendezvous store, listening on ``address`` only (not every interface); returns its port.
@@ -88,16 +94,23 @@ class StageWorker:
                                    wait_for_workers=False, master_listen_fd=self.store_socket.fileno())
         return port
 
-    def init_process_group(self, address: str, port: int, backend: str, timeout_s: float) -> None:
-        timeout = timedelta(seconds=timeout_s)
+    def init_process_group(self, address: str, port: int, backend: str, start_timeout_s: float,
+                           op_timeout_s: float) -> None:
+        timeout = timedelta(seconds=start_timeout_s)
         store = self.store if self.rank == 0 else dist.TCPStore(address, port, self.world_size, False, timeout)
-        dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size, timeout=timeout)
+        dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size,
+                                timeout=timedelta(seconds=op_timeout_s))
         self.groups = link_groups(self.world_size)
 
-    def setup_run(self, cfg_data: dict, dataset: Dataset, coordinators: list | None = None) -> dict:
-        """Build this worker's stage for one run and open the links its mode needs."""
+    def setup_run(self, cfg_data: dict, dataset: Dataset, coordinators: list | None = None,
+                  run_dir: str | None = None, resume_dir: str | None = None) -> dict:
+        """Build this worker's stage for one run and open the links its mode needs.
+
+        ``run_dir``: where checkpoints go (None: none); ``resume_dir``: a checkpoint to start from.
+        """
         self.cfg = cfg = build_config(cfg_data)
         self.mode = execution_mode(cfg)
+        allow_waits()
         self.device = _device(cfg)
         self.dataset = dataset
         self.coordinators = coordinators or []  # DNI: the predictor coordinator of each boundary
@@ -111,12 +124,19 @@ class StageWorker:
         self.predictor_version = 0
         self.predictor_fingerprint = None
         self.step_log: collections.deque = collections.deque(maxlen=100_000)  # (step, start, end) wall times
+        self.run_dir = Path(run_dir) if run_dir and cfg.checkpoint.enabled else None
+        self.saved: collections.deque = collections.deque(maxlen=32)  # steps_done of the checkpoints written
+        self.stop_at: int | None = None  # request_stop: end the epoch once this many steps are done
+        self.skip = 0  # batches of the current epoch trained before the checkpoint resumed from
+        self.epoch_generator = self.generator.get_state()
+        self.last_step = -1  # global id of the last step this worker finished
         if not self.active:
             return self.where()
         stage_cfg = single_stage(cfg) if self.mode in ("single", "ddp") else cfg
         index = 0 if self.mode in ("single", "ddp") else self.rank
         self.plans, (self.stage,) = build_stages(stage_cfg, dataset, self.device, [index])
         self.total_steps = total_steps(cfg, dataset, self.replicas)
+        self.per_epoch = steps_per_epoch(cfg, dataset, self.replicas)
         self.memory = PeakMemory(self.device)
         self._open_links()
         if self.mode in ("gpipe", "1f1b"):
@@ -127,6 +147,11 @@ class StageWorker:
             from .schedules import DataParallel
 
             self.schedule = DataParallel(self.stage)
+        self.replay = None
+        if cfg.method.name == "dgl" and cfg.method.replay_buffer and self.rank > 0:
+            self.replay = ReplayBuffer(cfg.method.replay_buffer, cfg.method.replay_max_reuse)
+        if resume_dir is not None:  # before DNI registers its predictor: the coordinator starts from these weights
+            self._restore(Path(resume_dir))
         if cfg.method.name == "dni" and not self.stage.is_last:
             local = cfg.method.predictor_training == "local"
             self.stage.rule.train_predictor_locally = local
@@ -138,9 +163,6 @@ class StageWorker:
                 ray.get(self.coordinators[self.stage.index].register.remote(self.stage.index, predictor.shape, predictor.hidden, state),
                         timeout=cfg.links.timeout_s)
                 self.predictor_fingerprint = self._fingerprint()
-        self.replay = None
-        if cfg.method.name == "dgl" and cfg.method.replay_buffer and self.rank > 0:
-            self.replay = ReplayBuffer(cfg.method.replay_buffer, cfg.method.replay_max_reuse)
         return {**self.where(), "device": _describe(self.device), "index": self.rank}
 
     def _open_links(self) -> None:
@@ -203,6 +225,8 @@ class StageWorker:
         snap = dict(self.stats)
         if not self.active:
             return snap
+        snap["checkpoints"] = list(self.saved)
+        snap["last_step"] = self.last_step
         snap["queue_depth"] = self.links["fwd_in"].depth if "fwd_in" in self.links else 0
         snap["stage_metrics"] = {k: float(v) for k, v in list(self.stage.metrics.items())}
         snap["predictor_version"] = self.predictor_version
@@ -222,16 +246,51 @@ class StageWorker:
             return {}
         self.stats["epoch_first"] = None
         steps = self._epoch_steps()
-        if self.mode == "decoupled" or self.mode == "naive":
-            self._train_pipeline(steps)
-        elif self.mode in ("gpipe", "1f1b"):
-            self._train_schedule(steps)
-        else:  # single, ddp
-            self._train_local(steps)
+        self.idle.clear()
+        try:
+            if self.mode == "decoupled" or self.mode == "naive":
+                self._train_pipeline(steps)
+            elif self.mode in ("gpipe", "1f1b"):
+                self._train_schedule(steps)
+            else:  # single, ddp
+                self._train_local(steps)
+        finally:
+            self.idle.set()
         if self.device.type == "cuda":  # this thread's stream only: a link thread may have a receive posted
             torch.cuda.current_stream(self.device).synchronize()
         self.stats["epoch_end"] = time.time()
-        return dict(self.stats)
+        self.skip = 0
+        done = self.last_step + 1  # the epoch's end, or where request_stop ended it early
+        if self.run_dir is not None and done > 0 and done not in self.saved:
+            self._save_checkpoint(done)
+        return {**self.stats, "last_step": self.last_step}
+
+    def request_stop(self, at_step: int) -> None:
+        """End the current epoch once ``at_step`` steps are done (stage 0, or every worker of a
+        lockstep schedule); later stages end with it. The epoch's end writes a checkpoint."""
+        self.stop_at = at_step
+
+    def rescue(self, directory: str, wait_s: float) -> int | None:
+        """A peer failed: end this worker's epoch and save its in-memory state to ``directory``.
+
+        Decoupled stages owe their neighbours nothing, so a survivor keeps what it learned
+        since the last checkpoint (feedback still owed for earlier steps is dropped: it will
+        not come). Returns the steps this state has done, or None if it cannot be saved
+        (another mode, or the epoch did not end within ``wait_s``).
+        """
+        if not self.active or self.mode != "decoupled":
+            return None
+        abort_waits()  # every link wait of the epoch ends now; the step being computed finishes first
+        if not self.idle.wait(wait_s):
+            return None
+        steps_done = self.last_step + 1
+        self.stage.drop_pending()
+        state = self._state(steps_done)
+        checkpoint.save_worker(Path(directory), self.rank, state)
+        return steps_done
+
+    def _keep_going(self, step: int) -> bool:
+        return self.stop_at is None or step < self.stop_at
 
     @property
     def replicas(self) -> int:
@@ -239,19 +298,23 @@ class StageWorker:
 
     def _epoch_steps(self) -> int:
         """Batches stage 0 (each replica, for ddp) draws this epoch: the same count on every worker."""
-        per_epoch = steps_per_epoch(self.cfg, self.dataset, self.replicas)
-        return max(0, min(per_epoch, self.total_steps - self.step_count))
+        return max(0, min(self.per_epoch - self.skip, self.total_steps - self.step_count))
 
     def _loader(self, steps: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """Stage 0's batches (data-parallel workers: their shard of each epoch's permutation)."""
         d, bs = self.dataset, self.cfg.train.batch_size
         x, y = d.train_x, d.train_y
+        self.epoch_generator = self.generator.get_state()  # a checkpoint mid-epoch resumes from here
         if self.mode == "ddp":
             order = torch.randperm(len(y), generator=self.generator)[self.rank :: self.world_size]
             x, y = x[order], y[order]
         batches = iterate_batches(x, y, bs, shuffle=self.mode != "ddp", generator=self.generator,
                                   augment=d.augment, drop_last=True)
+        for _ in range(self.skip):  # resumed mid-epoch: the same order, minus the batches already trained on
+            next(batches, None)
         for _, (xb, yb) in zip(range(steps), batches):
+            if not self._keep_going(self.step_count):
+                return
             yield self.step_count, xb.to(self.device), yb.to(self.device)
             self.step_count += 1
 
@@ -295,12 +358,14 @@ class StageWorker:
         if self.replay is None:
             msg = link.recv(step=self.stats["steps"])
             if msg.kind == EPOCH_END:
+                self.last_step = msg.step  # the epoch's (or the stop's) last step, from stage 0
                 return None
             _expect(msg.kind, DATA, self.rank)
             return msg.step, msg.tensor, msg.labels
         while True:
             while (msg := link.poll()) is not None:  # everything fresh goes into the buffer first
                 if msg.kind == EPOCH_END:
+                    self.last_step = msg.step  # the epoch's (or the stop's) last step, from stage 0
                     return None
                 _expect(msg.kind, DATA, self.rank)
                 self.replay.add((msg.step, msg.tensor, msg.labels))
@@ -308,9 +373,11 @@ class StageWorker:
             if taken is not None:
                 item, used_before = taken
                 self.stats["replayed_steps"] += used_before > 0
+                self.fresh = used_before == 0
                 return item
             msg = link.recv(step=self.stats["steps"])  # all used up: wait for something new
             if msg.kind == EPOCH_END:
+                self.last_step = msg.step
                 return None
             _expect(msg.kind, DATA, self.rank)
             self.replay.add((msg.step, msg.tensor, msg.labels))
@@ -337,11 +404,17 @@ class StageWorker:
                 pending = self._dfa_feedback(step, result, pending)
             elif feedback is Feedback.PREDICTOR_TARGET:
                 pending = self._dni_feedback(step, x, y, result, pending)
+            if self._checkpoint_due(step) and (self.replay is None or self.fresh):
+                while pending:  # a checkpoint holds no half-done step: apply the feedback still owed
+                    pending = self._drain_feedback(pending, block=True)
+                self._save_checkpoint(step + 1)
+            if self.rank == 0 or self.replay is None:
+                self.last_step = step
         # the epoch's end: apply what is still owed, then tell the next stage
         while pending:
             pending = self._drain_feedback(pending, block=True)
         if not last:
-            links["fwd_out"].mark(EPOCH_END, step)
+            links["fwd_out"].mark(EPOCH_END, self.last_step)  # stage 0's last step, passed on as received
 
     def _naive_backward(self, step: int, result) -> None:
         links = self.links
@@ -441,12 +514,56 @@ class StageWorker:
             self.predictor_fingerprint = self._fingerprint()
             self.stats["predictor_loads"] += 1
 
+    # ------------------------------------------------------------ checkpoints
+
+    def _checkpoint_due(self, step: int) -> bool:
+        return self.run_dir is not None and checkpoint.is_checkpoint_step(
+            step, self.cfg.checkpoint.every_steps, self.per_epoch, self.total_steps)
+
+    def _finish_step(self, step: int) -> None:
+        """Lockstep schedules and single workers: the step is whole on every worker here."""
+        self.last_step = step
+        if self._checkpoint_due(step):
+            self._save_checkpoint(step + 1)
+
+    def _save_checkpoint(self, steps_done: int) -> None:
+        """This worker's file of the checkpoint after ``steps_done`` steps; the driver writes the manifest."""
+        t = time.perf_counter()
+        checkpoint.save_worker(checkpoint.step_dir(self.run_dir, steps_done), self.rank, self._state(steps_done))
+        self.saved.append(steps_done)
+        self.stats["checkpoint_s"] += time.perf_counter() - t
+
+    def _state(self, steps_done: int) -> dict:
+        return {
+            "rank": self.rank, "mode": self.mode, "steps_done": steps_done,
+            "stages": [self.stage.state_dict()],
+            "epoch_generator": self.epoch_generator,
+            "sample_rng": list(self.rng.getstate()[1]),  # which steps DNI samples: a tuple of ints
+            "replay": self.replay.state_dict() if self.replay is not None else None,
+        }
+
+    def _restore(self, directory: Path) -> None:
+        state = checkpoint.load_worker(directory, self.rank)
+        if state["mode"] != self.mode:
+            raise checkpoint.CheckpointError(f"{directory}: worker {self.rank} was saved in {state['mode']} mode, "
+                                             f"this run is {self.mode}")
+        self.stage.load_state_dict(state["stages"][0])
+        self.step_count = state["steps_done"]
+        self.last_step = self.step_count - 1
+        self.skip = self.step_count % self.per_epoch
+        self.generator.set_state(state["epoch_generator"])
+        self.rng.setstate((3, tuple(state["sample_rng"]), None))
+        if self.replay is not None and state["replay"] is not None:
+            self.replay.load_state_dict(state["replay"])
+
     # ----------------------------------------------------- E2EBP schedules
 
     def _train_schedule(self, steps: int) -> None:
         """GPipe / 1F1B: every worker runs the same number of steps; labels go from stage 0 to the last."""
         k, last = self.rank, self.world_size - 1
-        source = self._loader(steps) if k == 0 else ((self.step_count + i, None, None) for i in range(steps))
+        first = self.step_count  # read once: the loop below advances step_count
+        source = self._loader(steps) if k == 0 else ((first + i, None, None) for i in range(steps)
+                                                     if self._keep_going(first + i))
         t = time.perf_counter()
         for step, x, y in source:
             if k == 0:
@@ -462,6 +579,7 @@ class StageWorker:
             if loss is not None:
                 self.stage.metrics["loss"] = loss
             self._count_step(step, self.cfg.train.batch_size)
+            self._finish_step(step)
 
     def _train_local(self, steps: int) -> None:
         """The whole model on this worker: single-worker baseline, or one data-parallel replica."""
@@ -475,6 +593,7 @@ class StageWorker:
                 self.stage.step(x, y)
             t = self._timed("compute_s", t)
             self._count_step(step, x.shape[0])
+            self._finish_step(step)
 
     # -------------------------------------------------------------- evaluation
 
@@ -526,7 +645,7 @@ def _new_stats() -> dict:
     return {
         "steps": 0, "samples": 0, "timed_samples": 0, "compute_s": 0.0, "wait_input_s": 0.0, "wait_send_s": 0.0,
         "wait_feedback_s": 0.0, "replayed_steps": 0, "sent_samples": 0, "dropped_samples": 0, "predictor_loads": 0,
-        "predictor_local_changes": 0,
+        "predictor_local_changes": 0, "checkpoint_s": 0.0,
         "epoch_first": None, "epoch_end": None, "step_started": None,
     }
 
@@ -552,6 +671,16 @@ def _device(cfg: Config) -> torch.device:
 
 def _describe(device: torch.device) -> str:
     return f"cuda:0 ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
+
+
+def _node_id() -> str | None:
+    """Ray's id of this worker's node (several nodes can share one host name)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # outside Ray (tests)
+        return None
 
 
 def _node_ip() -> str:
