@@ -115,9 +115,10 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
 
 
-def test_sigint_stops_with_a_checkpoint_and_resume_finishes(tmp_path):
-    """Ctrl-C on `decoupled train`: exit 130 within seconds, a checkpoint at the step it stopped,
-    and `--resume` runs the remaining steps to the same end as an uninterrupted run."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_stops_with_a_checkpoint_and_resume_finishes(tmp_path, sig):
+    """Ctrl-C (or a scheduler's SIGTERM) on `decoupled train`: exit 130 within seconds, a checkpoint
+    at the step it stopped, and `--resume` runs the remaining steps to the same end."""
     cfg = config(tmp_path, {"name": "dgl"}, checkpoint={"every_steps": 1000},
                  train={"epochs": 30, "batch_size": 64, "threads": 1, "progress": False})
     config_file = tmp_path / "cfg.json"  # JSON is YAML
@@ -129,7 +130,7 @@ def test_sigint_stops_with_a_checkpoint_and_resume_finishes(tmp_path):
     while not checkpoint.latest(run) and time.time() < deadline:  # the first epoch's end
         time.sleep(0.05)
     assert checkpoint.latest(run), "no checkpoint within 60 s"
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     sent = time.time()
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,11 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import decoupled
 from decoupled import checkpoint
 from decoupled.stage import NonFiniteError
-from decoupled.stopping import RunFailed
+from decoupled.stopping import RunFailed, RunStopped
 
 from conftest import _alive, _cmdline
 
@@ -35,7 +37,7 @@ def digits(tmp_path, method: dict, **extra) -> dict:
         "method": method,
         "cluster": {"cpus_per_worker": 1},
         "links": {"timeout_s": 30},
-        "checkpoint": {"every_steps": EVERY},
+        "checkpoint": {"every_steps": EVERY, "keep": 10},
         "train": {"epochs": 6, "batch_size": 32, "threads": 1, "progress": False, "metrics_every_s": 0.5},
         "output": {"dir": str(tmp_path)},
     }
@@ -90,6 +92,33 @@ def test_a_killed_stage_process_comes_back_from_its_checkpoint(ray_cluster, tmp_
     assert abs(hit["test_accuracy"] - calm["test_accuracy"]) <= 0.02, (hit["test_accuracy"], calm["test_accuracy"])
 
 
+@pytest.mark.parametrize("cut", [44, 60], ids=["epoch-end", "mid-epoch"])
+def test_a_resumed_ray_run_ends_where_the_uninterrupted_one_does(ray_cluster, tmp_path, cut):
+    """GPipe is deterministic, so a resume on Ray must give the uninterrupted run's numbers: the same
+    weights, the same data order after the checkpoint, the same evaluations."""
+    method = {"name": "backprop", "schedule": "gpipe", "microbatches": 4}
+    common = {"train": {"epochs": 2, "batch_size": 32, "threads": 1, "progress": False, "metrics_every_s": 0.2}}
+    whole = decoupled.train(digits(tmp_path / "whole", method, **common))
+    run = Path(whole["run_dir"])
+    saved = sorted(int(d.name.split("-")[1]) for d in checkpoint.root(run).glob("step-*"))
+    assert saved == [20, 40, 44, 60, 80, 88]
+    cut_run = tmp_path / "cut"
+    shutil.copytree(run, cut_run)
+    for d in checkpoint.root(cut_run).glob("step-*"):
+        if int(d.name.split("-")[1]) > cut:
+            shutil.rmtree(d)
+    resumed = decoupled.resume(cut_run)
+    assert resumed["resumed_from_step"] == cut and resumed["steps"] == whole["steps"] == 88
+    assert resumed["final_loss"] == pytest.approx(whole["final_loss"], rel=1e-6)
+    assert resumed["test_accuracy_per_epoch"] == whole["test_accuracy_per_epoch"]
+    events = EventAccumulator(str(cut_run))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("test/accuracy")]
+    assert steps == [44, 88]  # the curve continues; nothing logged twice
+    progress = [e.step for e in events.Scalars("stage0/compute_fraction")]
+    assert progress == sorted(progress) and progress[-1] > cut  # the stages' curves go on from the cut
+
+
 def test_a_stage_that_keeps_failing_stops_the_run_naming_it(ray_cluster, tmp_path):
     when_checkpointed(tmp_path / "rel", 40, lambda run: os.kill(stage_pid(run, 1), signal.SIGKILL))
     with pytest.raises(RunFailed, match=r"stage 1 failed 1 times \(recovery.max_restarts: 0\); "
@@ -122,6 +151,27 @@ def test_a_nonfinite_loss_on_a_worker_stops_the_run_without_restarts(ray_cluster
     assert workers["restarts"] == [0, 0]
 
 
+@pytest.mark.parametrize("method", [{"name": "backprop", "schedule": "gpipe", "microbatches": 4},
+                                    {"name": "backprop", "schedule": "ddp"},
+                                    {"name": "dni", "conditioned": True}], ids=["gpipe", "ddp", "cdni"])
+def test_a_stop_request_ends_every_worker_at_the_same_step(ray_cluster, tmp_path, method):
+    """Lockstep schedules agree on the stop step (a pipeline's later stages follow stage 0): the
+    checkpoint is complete and the run resumes to its end."""
+    cfg = digits(tmp_path, method, train={"epochs": 20, "batch_size": 32, "threads": 1, "progress": False,
+                                          "metrics_every_s": 0.2})
+    run = tmp_path / "rel"
+    when_checkpointed(run, 1, lambda _: os.kill(os.getpid(), signal.SIGINT))  # the driver's own Ctrl-C
+    with pytest.raises(RunStopped) as stopped:
+        decoupled.train(cfg)
+    total = 20 * (22 if method.get("schedule") == "ddp" else 44)  # ddp: each replica takes half the batches
+    _, manifest = checkpoint.latest(run)
+    assert 0 < stopped.value.steps_done == manifest["steps_done"] < total
+    assert manifest["workers"] == 2  # both workers wrote that step: they stopped together
+    summary = decoupled.resume(run)
+    assert summary["resumed_from_step"] == manifest["steps_done"]
+    assert summary["steps"] == total and len(summary["test_accuracy_per_epoch"]) == 20
+
+
 def _processes_mentioning(text: str) -> dict[int, str]:
     out = {}
     for entry in Path("/proc").iterdir():
@@ -140,8 +190,10 @@ def test_ctrl_c_stops_cleanly_with_a_checkpoint_and_resume_finishes(ray_cluster,
     config_file.write_text(json.dumps(cfg))
     ray_tmp = tempfile.mkdtemp(prefix="dr", dir="/tmp")  # short: Ray's socket paths have a length limit
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    # its own process group, as a shell job: Ctrl-C in a terminal goes to the whole group
     proc = subprocess.Popen([sys.executable, "-m", "decoupled.cli", "train", "--config", str(config_file)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
     run = tmp_path / "rel"
     deadline = time.time() + 120
     while not checkpoint.latest(run) and time.time() < deadline and proc.poll() is None:
@@ -149,7 +201,7 @@ def test_ctrl_c_stops_cleanly_with_a_checkpoint_and_resume_finishes(ray_cluster,
     assert checkpoint.latest(run), proc.communicate()[1] if proc.poll() is not None else "no checkpoint in 120 s"
     workers = json.loads((run / "workers.json").read_text())["stages"]
     assert _processes_mentioning(ray_tmp), "the run's Ray is not running?"
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)
     sent = time.time()
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-3000:]
@@ -167,6 +219,36 @@ def test_ctrl_c_stops_cleanly_with_a_checkpoint_and_resume_finishes(ray_cluster,
     assert summary["resumed_from_step"] == stopped_at
     assert summary["steps"] == 30 * 44 and len(summary["test_accuracy_per_epoch"]) == 30
     assert summary["test_accuracy"] > 0.9
+
+
+def test_a_killed_driver_leaves_no_process_and_a_run_that_resumes(ray_cluster, tmp_path):
+    """SIGKILL on `decoupled train` (no chance to clean up): Ray's own reaper ends the embedded
+    cluster and the workers, and the newest checkpoint resumes."""
+    cfg = digits(tmp_path, {"name": "dgl"}, train={"epochs": 4, "batch_size": 32, "threads": 1,
+                                                    "progress": False, "metrics_every_s": 0.5})
+    config_file = tmp_path / "cfg.json"
+    config_file.write_text(json.dumps(cfg))
+    ray_tmp = tempfile.mkdtemp(prefix="dr", dir="/tmp")
+    proc = subprocess.Popen([sys.executable, "-m", "decoupled.cli", "train", "--config", str(config_file)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "RAY_TMPDIR": ray_tmp})
+    run = tmp_path / "rel"
+    deadline = time.time() + 120
+    while (not checkpoint.latest(run) or checkpoint.latest(run)[1]["steps_done"] < 40) and time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    workers = json.loads((run / "workers.json").read_text())["stages"]
+    proc.kill()
+    proc.wait(30)
+    deadline = time.time() + 30
+    while time.time() < deadline and (_processes_mentioning(ray_tmp) or any(_alive(w["pid"]) for w in workers)):
+        time.sleep(0.2)
+    assert not _processes_mentioning(ray_tmp), _processes_mentioning(ray_tmp)
+    assert not any(_alive(w["pid"]) for w in workers)
+    _, manifest = checkpoint.latest(run)
+    summary = decoupled.resume(run)
+    assert summary["resumed_from_step"] == manifest["steps_done"] >= 40
+    assert summary["steps"] == 4 * 44 and len(summary["test_accuracy_per_epoch"]) == 4
 
 
 def test_a_lost_node_s_stages_come_back_on_the_nodes_left(tmp_path):

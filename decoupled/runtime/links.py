@@ -53,7 +53,14 @@ class LinkTimeout(TimeoutError):
 
 
 class LinkClosed(RuntimeError):
-    """The link's background thread died (peer gone, process group destroyed)."""
+    """The link's background thread died (peer gone, process group destroyed); ``peer`` is the other end."""
+
+    def __init__(self, message: str, peer: int | None = None) -> None:
+        super().__init__(message)
+        self.peer = peer
+
+    def __reduce__(self):
+        return type(self), (str(self), self.peer)
 
 
 class LinkAborted(RuntimeError):
@@ -71,6 +78,10 @@ def abort_waits() -> None:
 
 def allow_waits() -> None:
     _abort.clear()
+
+
+def aborted() -> bool:
+    return _abort.is_set()
 
 
 @dataclass
@@ -95,7 +106,8 @@ class _Link:
 
     def _check(self) -> None:
         if self.error is not None:
-            raise LinkClosed(f"link {self.name} (peer rank {self.peer}) failed: {self.error!r}") from self.error
+            raise LinkClosed(f"link {self.name} (peer rank {self.peer}) failed: {self.error!r}",
+                             self.peer) from self.error
 
     def _wait(self, op, timeout: float, what: str):
         """``op(seconds)`` (a queue get/put) in short slices: a failed link thread or an abort ends the wait
@@ -140,7 +152,7 @@ class SendLink(_Link):
     def _put(self, message: Message) -> float:
         start = time.perf_counter()
         self._wait(lambda t: self.queue.put(message, timeout=t), self.timeout_s,
-                   f"link {self.name}, step {message.step}: rank {self.peer} took nothing for {self.timeout_s:.0f} s "
+                   f"link {self.name}, step {message.step}: rank {self.peer} took nothing for {self.timeout_s:g} s "
                    f"({self.depth} messages waiting)")
         return time.perf_counter() - start
 
@@ -188,8 +200,8 @@ class RecvLink(_Link):
         except queue.Empty:
             pass
         at = f", step {step}" if step is not None else ""
-        return self._wait(self.queue.get, timeout, f"link {self.name}{at}: nothing from rank {self.peer} within "
-                          f"{timeout:.0f} s (last message: step {self.last_step})")
+        return self._wait(lambda t: self.queue.get(timeout=t), timeout, f"link {self.name}{at}: nothing from "
+                          f"rank {self.peer} within {timeout:g} s (last message: step {self.last_step})")
 
     def poll(self) -> Message | None:
         """The next message if one is already here, else None."""

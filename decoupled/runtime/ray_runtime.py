@@ -26,7 +26,7 @@ from ..metrics import MetricsLogger, write_json_atomic
 from ..pipeline import steps_per_epoch, total_steps
 from ..stage import NonFiniteError
 from ..stopping import RunFailed, RunStopped, StopRequest
-from .links import LinkTimeout
+from .links import LinkClosed, LinkTimeout
 from .worker import StageWorker, execution_mode
 
 _STAGE_KEYS = ("compute_s", "wait_input_s", "wait_send_s", "wait_feedback_s")
@@ -188,7 +188,8 @@ class _RayRun:
     """
 
     def __init__(self, cfg: Config, run_dir: Path, dataset: Dataset, workers: RayWorkers) -> None:
-        self.cfg, self.run_dir, self.dataset, self.workers = cfg, run_dir, dataset, workers
+        # absolute: workers on other nodes resolve paths against their own working directory
+        self.cfg, self.run_dir, self.dataset, self.workers = cfg, run_dir.resolve(), dataset, workers
         run_dir.mkdir(parents=True, exist_ok=True)
         self.ray = _ray()
         self.mode = execution_mode(cfg)
@@ -257,6 +258,8 @@ class _RayRun:
     def run(self, resume: tuple[Path, dict] | None) -> dict:
         start = time.perf_counter()
         self.resumed_from = resume[1]["steps_done"] if resume is not None else None
+        if resume is not None and len(resume[1].get("restarts", [])) == len(self.restarts):
+            self.restarts = list(resume[1]["restarts"])  # max_restarts counts over the whole run
         cfg = self.cfg
         try:
             self._setup(resume)
@@ -267,7 +270,11 @@ class _RayRun:
                         break
                     except WorkerFailure as failure:
                         self._recover(failure)
-            self._get_all([a.teardown_run.remote() for a in self.active], self.timeout + 30, step=self.steps_done)
+            try:
+                self._get_all([a.teardown_run.remote() for a in self.active], self.timeout + 30, self.steps_done)
+            except WorkerFailure as failure:  # the training is done and evaluated: say so, keep the results
+                print(f"decoupled: {failure} while closing the links; the run itself is complete",
+                      file=sys.stderr, flush=True)
         finally:
             if self.logger is not None:
                 self.logger.close()
@@ -313,7 +320,8 @@ class _RayRun:
         epoch_stats: list[dict] = []
         stopping = False
         try:
-            if len(self.evals) < min(self.steps_done // self.per_epoch, epochs):  # a failure hit during one
+            owed = epochs if self.steps_done >= self.total else self.steps_done // self.per_epoch
+            if len(self.evals) < owed:  # a failure hit while the last epoch was being evaluated
                 self.evals.append(_evaluate(lambda refs: self._get_all(refs, self.timeout, self.steps_done),
                                             self.active))
             for epoch in range(self.steps_done // self.per_epoch, epochs):
@@ -339,7 +347,7 @@ class _RayRun:
                 self.steps_done = min(s["last_step"] for s in epoch_stats) + 1
                 if stopping and self.steps_done % self.per_epoch and self.steps_done != self.total:
                     self._manifest(self.steps_done)  # mid-epoch: no evaluation until the epoch is done
-                    raise RunStopped(self.run_dir, self.steps_done)
+                    raise RunStopped(self.run_dir, self.steps_done if self.cfg.checkpoint.enabled else None)
                 samples, seconds = _epoch_throughput(epoch_stats, before, self.mode)
                 self.timed_samples += samples
                 self.timed_seconds += seconds
@@ -356,7 +364,7 @@ class _RayRun:
                                          f"test acc {result['test_accuracy']:.3f}")
                 self._manifest(self.steps_done)  # the epoch's end, with its evaluation
                 if stop.requested and self.steps_done < self.total:
-                    raise RunStopped(self.run_dir, self.steps_done)
+                    raise RunStopped(self.run_dir, self.steps_done if self.cfg.checkpoint.enabled else None)
             return self._get_all([a.metrics.remote() for a in self.active], self.timeout, self.steps_done)
         finally:
             progress.close()
@@ -383,15 +391,8 @@ class _RayRun:
         checkpoint.prune(self.run_dir, self.cfg.checkpoint.keep)
 
     def _request_stop(self) -> None:
-        """Ask the workers to end the epoch a few steps from now; the epoch's end writes the checkpoint."""
-        snaps = self._get_all([a.metrics.remote() for a in self.active], self.timeout, self.steps_done)
-        newest = max(s.get("last_step", -1) for s in snaps)
-        margin = 2
-        if self.mode in ("gpipe", "1f1b", "ddp"):  # lockstep: no worker may be past the stop step already
-            steps, busy = max(s["steps"] for s in snaps), max(s["compute_s"] for s in snaps)
-            margin += math.ceil(0.5 / (busy / steps)) if steps and busy else 10
-        at = newest + 1 + margin
-        self._get_all([a.request_stop.remote(at) for a in self.active], self.timeout, self.steps_done)
+        """Ask the workers to end the epoch after the current step; the epoch's end writes the checkpoint."""
+        self._get_all([a.request_stop.remote() for a in self.active], self.timeout, self.progress)
 
     # --------------------------------------------------------------- failures
 
@@ -421,13 +422,15 @@ class _RayRun:
                     raise cause from None
                 if isinstance(cause, LinkTimeout) and cause.peer is not None:  # the stuck peer is to blame
                     failures.append((1, cause.peer, f"stuck: {cause}"))
+                elif isinstance(cause, LinkClosed) and cause.peer is not None:  # its connection to us broke
+                    failures.append((1, cause.peer, f"connection lost: {cause}"))
                 else:
                     failures.append((2, rank, f"{type(cause).__name__}: {cause}"))
             except GetTimeoutError:
                 continue
-        if not failures:
-            rank = self._rank_of(0, len(refs))
-            failures.append((3, rank, f"no answer within {timeout:.0f} s (links.timeout_s)"))
+        if not failures:  # nobody failed, somebody did not answer: blame the first of those
+            late = next((i for i, ref in enumerate(candidates) if not ray.wait([ref], timeout=0)[0]), 0)
+            failures.append((3, self._rank_of(late, len(candidates)), f"no answer within {timeout:g} s"))
         _, rank, cause = min(failures)
         raise WorkerFailure(rank, f"{cause} (at step {step})" if step is not None else cause)
 
@@ -438,26 +441,40 @@ class _RayRun:
         return ranks[i] if i < len(ranks) else i
 
     def _recover(self, failure: WorkerFailure) -> None:
-        rank = failure.rank
-        self.restarts[rank] += 1
-        found = checkpoint.latest(self.run_dir) if self.cfg.checkpoint.enabled else None
-        record = {"stage": rank, "steps_done": self.progress, "checkpoint_step": found[1]["steps_done"] if found else 0,
-                  "cause": failure.cause, "time": time.time(), "kept_in_memory": []}
-        self.failures.append(record)
-        limit = self.cfg.recovery.max_restarts
-        if self.restarts[rank] > limit:
-            raise RunFailed(f"stage {rank} failed {self.restarts[rank]} times (recovery.max_restarts: {limit}); "
-                            f"last failure near step {self.progress}: {failure.cause}")
-        rescued = self._rescue(rank)
-        record["kept_in_memory"] = sorted(rescued)
-        where = f"the checkpoint after step {found[1]['steps_done']}" if found else "the start (no checkpoint yet)"
-        if rescued:
-            where = f"{where}; stage(s) {sorted(rescued)} keep their in-memory state"
-        print(f"decoupled: {failure}; restarting the workers from {where} "
-              f"(restart {self.restarts[rank]} of {limit} for stage {rank})", file=sys.stderr, flush=True)
-        self.workers.restart()
-        self.manifests.clear()
-        self._setup(found, rescued)
+        """Restart every worker and go on from the newest checkpoint (and the survivors' own state).
+
+        A failure while restarting counts as one more failure of the stage it names."""
+        rescued = self._rescue(failure.rank)
+        while True:
+            rank = failure.rank
+            self.restarts[rank] += 1
+            found = checkpoint.latest(self.run_dir) if self.cfg.checkpoint.enabled else None
+            self.failures.append({"stage": rank, "steps_done": self.progress, "cause": failure.cause,
+                                  "checkpoint_step": found[1]["steps_done"] if found else 0,
+                                  "kept_in_memory": sorted(rescued), "time": time.time()})
+            limit = self.cfg.recovery.max_restarts
+            if self.restarts[rank] > limit:
+                raise RunFailed(f"stage {rank} failed {self.restarts[rank]} times (recovery.max_restarts: {limit}); "
+                                f"last failure near step {self.progress}: {failure.cause}")
+            where = f"the checkpoint after step {found[1]['steps_done']}" if found else "the start (no checkpoint yet)"
+            if rescued:
+                where = f"{where}; stage(s) {sorted(rescued)} keep their in-memory state"
+            print(f"decoupled: {failure}; restarting the workers from {where} "
+                  f"(restart {self.restarts[rank]} of {limit} for stage {rank})", file=sys.stderr, flush=True)
+            try:
+                self.workers.restart()
+            except ConfigError as err:  # a lost node took resources the run needs
+                raise RunFailed(f"stage {rank} failed near step {self.progress} ({failure.cause}) and the "
+                                f"cluster can no longer hold the run: {err}") from None
+            except RuntimeError as err:
+                raise RunFailed(f"stage {rank} failed near step {self.progress} ({failure.cause}); "
+                                f"restarting the workers failed: {err}") from None
+            self.manifests.clear()
+            try:
+                self._setup(found, rescued)
+                break
+            except WorkerFailure as again:
+                failure = again
         for directory, _ in rescued.values():
             shutil.rmtree(directory, ignore_errors=True)
 
@@ -467,11 +484,12 @@ class _RayRun:
             return {}
         directory = checkpoint.root(self.run_dir) / f"rescue-{sum(self.restarts)}"
         refs = {k: a.rescue.remote(str(directory), 10.0) for k, a in enumerate(self.active) if k != failed}
+        self.ray.wait(list(refs.values()), num_returns=len(refs), timeout=30)  # all together, not one by one
         out = {}
         for k, ref in refs.items():
             try:
-                steps_done = self.ray.get(ref, timeout=30)
-            except Exception:  # lost as well: it starts from the checkpoint
+                steps_done = self.ray.get(ref, timeout=0)
+            except Exception:  # lost as well (or too slow): it starts from the checkpoint
                 continue
             if steps_done is not None:
                 out[k] = (directory, steps_done)
@@ -523,11 +541,14 @@ def _first_line(err: BaseException) -> str:
 
 def _log_progress(logger: MetricsLogger, snapshots: list[dict], coordinators: list) -> int:
     """Write each stage's counters to TensorBoard at stage 0's step; returns that step."""
-    step = snapshots[0].get("steps", 0)
+    step = snapshots[0].get("last_step", -1) + 1  # the run's step (it goes on across resumes and restarts)
     values: dict[str, float] = {}
     coord = {}
-    for stats in _ray().get([c.stats.remote() for c in coordinators], timeout=30):
-        coord.update(stats)
+    for k, coordinator in enumerate(coordinators):
+        try:
+            coord.update(_ray().get(coordinator.stats.remote(), timeout=30))
+        except Exception as err:  # its stage k learns nothing more: restart like a lost worker
+            raise WorkerFailure(k, f"the DNI coordinator of boundary {k} failed: {_first_line(err)}") from None
     for k, s in enumerate(snapshots):
         if not s:
             continue

@@ -38,7 +38,8 @@ from ..data import Dataset, iterate_batches
 from ..metrics import PeakMemory
 from ..pipeline import build_stages, steps_per_epoch, total_steps
 from ..rules import Feedback
-from .links import DATA, EPOCH_END, EVAL, EVAL_END, STOP, RecvLink, SendLink, abort_waits, allow_waits, link_groups
+from .links import (DATA, EPOCH_END, EVAL, EVAL_END, STOP, LinkAborted, RecvLink, SendLink, abort_waits, aborted,
+                    allow_waits, link_groups)
 from .replay import ReplayBuffer
 
 
@@ -71,8 +72,7 @@ class StageWorker:
         self.groups: dict = {}
         self.links: dict[str, object] = {}
         self.stats: dict = {}
-        self.idle = threading.Event()  # set while no epoch runs: ``rescue`` reads the state only then
-        self.idle.set()
+        self.epoch_lock = threading.Lock()  # held while an epoch runs: ``rescue`` reads the state only without it
 
     # ------------------------------------------------------------------ set-up
 
@@ -101,6 +101,8 @@ class StageWorker:
         dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size,
                                 timeout=timedelta(seconds=op_timeout_s))
         self.groups = link_groups(self.world_size)
+        # lockstep schedules agree on a stop over this (gloo: a one-number all-reduce per step)
+        self.control = dist.new_group(backend="gloo", timeout=timedelta(seconds=op_timeout_s))
 
     def setup_run(self, cfg_data: dict, dataset: Dataset, coordinators: list | None = None,
                   run_dir: str | None = None, resume_dir: str | None = None) -> dict:
@@ -126,7 +128,7 @@ class StageWorker:
         self.step_log: collections.deque = collections.deque(maxlen=100_000)  # (step, start, end) wall times
         self.run_dir = Path(run_dir) if run_dir and cfg.checkpoint.enabled else None
         self.saved: collections.deque = collections.deque(maxlen=32)  # steps_done of the checkpoints written
-        self.stop_at: int | None = None  # request_stop: end the epoch once this many steps are done
+        self.stop_requested = False  # request_stop: end the epoch after the current step
         self.skip = 0  # batches of the current epoch trained before the checkpoint resumed from
         self.epoch_generator = self.generator.get_state()
         self.last_step = -1  # global id of the last step this worker finished
@@ -246,29 +248,29 @@ class StageWorker:
             return {}
         self.stats["epoch_first"] = None
         steps = self._epoch_steps()
-        self.idle.clear()
-        try:
+        with self.epoch_lock:
+            if aborted():  # a rescue came first: this epoch must not touch the state it saves
+                raise LinkAborted(f"stage {self.rank}: stopped before epoch {epoch}")
             if self.mode == "decoupled" or self.mode == "naive":
                 self._train_pipeline(steps)
             elif self.mode in ("gpipe", "1f1b"):
                 self._train_schedule(steps)
             else:  # single, ddp
                 self._train_local(steps)
-        finally:
-            self.idle.set()
         if self.device.type == "cuda":  # this thread's stream only: a link thread may have a receive posted
             torch.cuda.current_stream(self.device).synchronize()
         self.stats["epoch_end"] = time.time()
         self.skip = 0
-        done = self.last_step + 1  # the epoch's end, or where request_stop ended it early
+        done = self.last_step + 1  # the epoch's end, or where request_stop ended it
         if self.run_dir is not None and done > 0 and done not in self.saved:
             self._save_checkpoint(done)
         return {**self.stats, "last_step": self.last_step}
 
-    def request_stop(self, at_step: int) -> None:
-        """End the current epoch once ``at_step`` steps are done (stage 0, or every worker of a
-        lockstep schedule); later stages end with it. The epoch's end writes a checkpoint."""
-        self.stop_at = at_step
+    def request_stop(self) -> None:
+        """End the current epoch after the step now running (stage 0 decides for the pipelines, all
+        workers together for the lockstep schedules); later stages end with it. The epoch's end
+        writes a checkpoint."""
+        self.stop_requested = True
 
     def rescue(self, directory: str, wait_s: float) -> int | None:
         """A peer failed: end this worker's epoch and save its in-memory state to ``directory``.
@@ -281,16 +283,24 @@ class StageWorker:
         if not self.active or self.mode != "decoupled":
             return None
         abort_waits()  # every link wait of the epoch ends now; the step being computed finishes first
-        if not self.idle.wait(wait_s):
+        if not self.epoch_lock.acquire(timeout=wait_s):
             return None
-        steps_done = self.last_step + 1
-        self.stage.drop_pending()
-        state = self._state(steps_done)
-        checkpoint.save_worker(Path(directory), self.rank, state)
-        return steps_done
+        try:
+            steps_done = self.last_step + 1
+            self.stage.drop_pending()
+            checkpoint.save_worker(Path(directory), self.rank, self._state(steps_done))
+            return steps_done
+        finally:
+            self.epoch_lock.release()
 
-    def _keep_going(self, step: int) -> bool:
-        return self.stop_at is None or step < self.stop_at
+    def _keep_going(self) -> bool:
+        """Whether to start another step: called once per step by every worker that draws steps."""
+        if self.mode not in ("gpipe", "1f1b", "ddp"):
+            return not self.stop_requested
+        # lockstep: every worker must stop after the same step, so they agree (MAX of the flags)
+        flag = torch.tensor([int(self.stop_requested)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control)
+        return not bool(flag.item())
 
     @property
     def replicas(self) -> int:
@@ -313,7 +323,7 @@ class StageWorker:
         for _ in range(self.skip):  # resumed mid-epoch: the same order, minus the batches already trained on
             next(batches, None)
         for _, (xb, yb) in zip(range(steps), batches):
-            if not self._keep_going(self.step_count):
+            if not self._keep_going():
                 return
             yield self.step_count, xb.to(self.device), yb.to(self.device)
             self.step_count += 1
@@ -394,6 +404,8 @@ class StageWorker:
             if delay:
                 time.sleep(delay)  # a simulated straggler: counts as compute
             t = self._timed("compute_s", t)
+            if self.mode == "decoupled":  # the update is in: a rescue from here on keeps this step
+                self.last_step = max(self.last_step, step)  # (a replayed input is an older step)
             self.step_log.append((step, self.stats["step_started"], time.time()))
             if not last:
                 self.stats["wait_send_s"] += links["fwd_out"].send(step, result.output, y)
@@ -408,7 +420,7 @@ class StageWorker:
                 while pending:  # a checkpoint holds no half-done step: apply the feedback still owed
                     pending = self._drain_feedback(pending, block=True)
                 self._save_checkpoint(step + 1)
-            if self.rank == 0 or self.replay is None:
+            if self.mode == "naive":  # its backward is done too
                 self.last_step = step
         # the epoch's end: apply what is still owed, then tell the next stage
         while pending:
@@ -528,6 +540,8 @@ class StageWorker:
 
     def _save_checkpoint(self, steps_done: int) -> None:
         """This worker's file of the checkpoint after ``steps_done`` steps; the driver writes the manifest."""
+        if self.saved and steps_done <= self.saved[-1]:
+            return  # a replay stage meeting an older step again: that checkpoint is written (and may be complete)
         t = time.perf_counter()
         checkpoint.save_worker(checkpoint.step_dir(self.run_dir, steps_done), self.rank, self._state(steps_done))
         self.saved.append(steps_done)
@@ -537,7 +551,8 @@ class StageWorker:
         return {
             "rank": self.rank, "mode": self.mode, "steps_done": steps_done,
             "stages": [self.stage.state_dict()],
-            "epoch_generator": self.epoch_generator,
+            # at an epoch's end the next epoch's order comes from the generator as it is now
+            "epoch_generator": self.generator.get_state() if steps_done % self.per_epoch == 0 else self.epoch_generator,
             "sample_rng": list(self.rng.getstate()[1]),  # which steps DNI samples: a tuple of ints
             "replay": self.replay.state_dict() if self.replay is not None else None,
         }
@@ -561,9 +576,7 @@ class StageWorker:
     def _train_schedule(self, steps: int) -> None:
         """GPipe / 1F1B: every worker runs the same number of steps; labels go from stage 0 to the last."""
         k, last = self.rank, self.world_size - 1
-        first = self.step_count  # read once: the loop below advances step_count
-        source = self._loader(steps) if k == 0 else ((first + i, None, None) for i in range(steps)
-                                                     if self._keep_going(first + i))
+        source = self._loader(steps) if k == 0 else self._step_ids(steps)
         t = time.perf_counter()
         for step, x, y in source:
             if k == 0:
@@ -580,6 +593,14 @@ class StageWorker:
                 self.stage.metrics["loss"] = loss
             self._count_step(step, self.cfg.train.batch_size)
             self._finish_step(step)
+
+    def _step_ids(self, steps: int) -> Iterator[tuple[int, None, None]]:
+        """Pipeline ranks after the first: this epoch's step ids (the data comes through the schedule)."""
+        first = self.step_count  # read once: the schedule loop advances step_count
+        for i in range(steps):
+            if not self._keep_going():
+                return
+            yield first + i, None, None
 
     def _train_local(self, steps: int) -> None:
         """The whole model on this worker: single-worker baseline, or one data-parallel replica."""
