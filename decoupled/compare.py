@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import statistics
 import sys
 from pathlib import Path
 
@@ -18,44 +19,76 @@ def _ray_workers(cfg: Config):
 
 
 def comparison_table(runs: list[dict]) -> str:
-    """Markdown: samples/s, accuracy, and each run's speed relative to every backprop baseline."""
+    """Markdown: samples/s, idle time, accuracy, memory, and each run's speed relative to every backprop baseline."""
     baselines = [r["label"] for r in runs if r["method"] == "backprop"]
-    head = ["run", "method", "stages", "samples/s", "test accuracy", "peak MiB per stage"]
+    head = ["run", "method", "stages", "samples/s", "idle per stage", "test accuracy", "peak MiB per stage"]
     head += [f"× {b}" for b in baselines]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:
         memory = " / ".join(f"{s['peak_memory_mb']:.0f}" for s in r["stage_stats"]) if "stage_stats" in r else (
             f"{r['peak_memory_mb']:.0f} (all)")
-        cells = [r["label"], r["method"], str(r["stages"]), f"{r['samples_per_sec']:.0f}", f"{r['test_accuracy']:.4f}",
-                 memory]
+        speed = f"{r['samples_per_sec']:.0f}"
+        if len(r["samples_per_sec_runs"]) > 1:
+            speed += f" ({min(r['samples_per_sec_runs']):.0f}–{max(r['samples_per_sec_runs']):.0f})"
+        idle = " / ".join(f"{x:.2f}" for x in r["idle_fraction"]) if r["idle_fraction"] else "–"
+        cells = [r["label"], r["method"], str(r["stages"]), speed, idle, f"{r['test_accuracy']:.4f}", memory]
         cells += [f"{r['speed_ratio'][b]:.2f}" for b in baselines]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def compare(config: Config | dict, parent: Path | None = None) -> dict:
-    """Run every method in ``config.compare.methods``; returns the comparison (also ``comparison.json``)."""
+    """Run every method in ``config.compare.methods`` (``repeats`` rounds); returns the comparison (also
+    ``comparison.json`` and ``comparison.md``)."""
     cfg = as_config(config)
     if cfg.compare is None:
         raise ConfigError("compare: the config has no 'compare' section listing the methods to run")
     cfg, dataset = prepare(cfg)
-    configs = [cfg.with_method(m) for m in cfg.compare.methods]  # all validated before the first run starts
+    methods, repeats = cfg.compare.methods, cfg.compare.repeats
+    configs = [cfg.with_method(m) for m in methods]  # all validated before the first run starts
     parent = Path(parent) if parent is not None else new_run_dir(cfg.output.dir, cfg.name)
-    runs = []
+    rounds: list[list[dict]] = []
     # One set of Ray workers for every run: the methods are measured on the same processes and bundles.
+    # Rounds interleave the methods, so a machine that slows down slows them all alike.
     on_ray = any(c.resolved_runtime() == "ray" for c in configs)
     with _ray_workers(cfg) if on_ray else contextlib.nullcontext() as workers:
-        for method, run_cfg in zip(cfg.compare.methods, configs):
-            runs.append(train(run_cfg, parent / method.display_name(), dataset, workers))
-            if cfg.train.progress:
-                r = runs[-1]
-                print(f"{r['label']}: test accuracy {r['test_accuracy']:.4f}, {r['samples_per_sec']:.0f} samples/s, "
-                      f"{r['wall_seconds']:.1f} s", file=sys.stderr, flush=True)
-    baselines = [r for r in runs if r["method"] == "backprop"]
-    for r in runs:
-        r["speed_ratio"] = {b["label"]: r["samples_per_sec"] / b["samples_per_sec"] for b in baselines}
-    table = comparison_table(runs)  # reads speed_ratio
-    result = {"name": cfg.name, "parent": str(parent), "runs": runs, "table": table}
+        for rep in range(repeats):
+            rounds.append([])
+            for method, run_cfg in zip(methods, configs):
+                run_dir = parent / method.display_name() / (f"rep-{rep}" if repeats > 1 else "")
+                rounds[-1].append(train(run_cfg, run_dir, dataset, workers))
+                if cfg.train.progress:
+                    r = rounds[-1][-1]
+                    print(f"{r['label']}{f' (round {rep + 1}/{repeats})' if repeats > 1 else ''}: test accuracy "
+                          f"{r['test_accuracy']:.4f}, {r['samples_per_sec']:.0f} samples/s, {r['wall_seconds']:.1f} s",
+                          file=sys.stderr, flush=True)
+    runs = [_aggregate(rounds, i) for i in range(len(methods))]
+    table = comparison_table(runs)
+    result = {"name": cfg.name, "parent": str(parent), "repeats": repeats, "runs": runs, "table": table}
     write_json_atomic(parent / "comparison.json", result)
     (parent / "comparison.md").write_text(f"# {cfg.name}\n\n{table}")
     return result
+
+
+def _aggregate(rounds: list[list[dict]], i: int) -> dict:
+    """Method ``i`` over all rounds: its median-speed run's summary, with medians in place of single figures."""
+    mine = [rnd[i] for rnd in rounds]
+    baselines = [b for b, r in enumerate(rounds[0]) if r["method"] == "backprop"]
+    speeds = [r["samples_per_sec"] for r in mine]
+    middle = sorted(mine, key=lambda r: r["samples_per_sec"])[(len(mine) - 1) // 2]
+    out = dict(middle)
+    out.update(
+        samples_per_sec=statistics.median(speeds),
+        samples_per_sec_runs=speeds,
+        test_accuracy=statistics.median(r["test_accuracy"] for r in mine),
+        test_accuracy_runs=[r["test_accuracy"] for r in mine],
+        run_dirs=[r["run_dir"] for r in mine],
+        # idle: any time a stage is not computing (waiting for input, to send, for feedback)
+        idle_fraction=[statistics.median(1.0 - r["stage_stats"][k]["compute_fraction"] for r in mine)
+                       for k in range(len(middle["stage_stats"]))] if "stage_stats" in middle else None,
+        # a ratio is taken within a round (same conditions), then the median over rounds
+        speed_ratio={rounds[0][b]["label"]: statistics.median(rnd[i]["samples_per_sec"] / rnd[b]["samples_per_sec"]
+                                                              for rnd in rounds)
+                     for b in baselines},
+    )
+    return out

@@ -327,6 +327,8 @@ class OutputConfig(_Strict):
 
 class CompareConfig(_Strict):
     methods: list[MethodConfig] = Field(min_length=1)
+    repeats: PositiveInt = Field(1, description="rounds of every method, interleaved; figures are medians and "
+                                 "ratios are medians of same-round ratios")
 
     @model_validator(mode="after")
     def _unique_labels(self) -> "CompareConfig":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,30 @@ def test_compare_runs_each_method_and_reports_ratios(tmp_path):
     table = (parent / "comparison.md").read_text()
     assert "| cdni | dni | 3 |" in table and "× backprop" in table
     assert result["table"] == data["table"]
+
+
+def test_compare_repeats_interleave_rounds_and_report_medians(tmp_path):
+    cfg = digits_config(
+        tmp_path,
+        train={"epochs": 1, "batch_size": 32, "progress": False},
+        compare={"methods": [{"name": "backprop"}, {"name": "dgl"}], "repeats": 3},
+    )
+    result = decoupled.compare(cfg)
+    backprop, dgl = result["runs"]
+    assert result["repeats"] == 3
+    for r in (backprop, dgl):
+        assert len(r["samples_per_sec_runs"]) == 3 and r["samples_per_sec"] == statistics.median(r["samples_per_sec_runs"])
+        assert [Path(d).name for d in r["run_dirs"]] == ["rep-0", "rep-1", "rep-2"]
+        assert all((Path(d) / "summary.json").is_file() for d in r["run_dirs"])
+        assert r["test_accuracy"] == statistics.median(r["test_accuracy_runs"])
+    # each ratio is taken within a round, then the median over the rounds
+    rounds = [json.loads((Path(d) / "summary.json").read_text())["samples_per_sec"]
+              for d in backprop["run_dirs"] + dgl["run_dirs"]]
+    per_round = [rounds[3 + k] / rounds[k] for k in range(3)]
+    assert dgl["speed_ratio"]["backprop"] == pytest.approx(statistics.median(per_round))
+    assert backprop["speed_ratio"]["backprop"] == pytest.approx(1.0)
+    spread = f"({min(dgl['samples_per_sec_runs']):.0f}–{max(dgl['samples_per_sec_runs']):.0f})"
+    assert spread in result["table"]
 
 
 def test_quickstart_config_reaches_its_accuracy_targets(tmp_path):
