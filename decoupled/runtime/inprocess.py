@@ -120,11 +120,11 @@ def train_inprocess(cfg: Config, run_dir: Path, dataset: Dataset | None = None,
                         progress.set_postfix(loss=f"{float(stages[-1].metrics['loss']):.3f}")
                     if step >= steps or step % per_epoch == 0:
                         break
-                    if ckpt.enabled and checkpoint.is_checkpoint_step(step - 1, ckpt.every_steps, per_epoch, steps):
+                    # a stop request is read between two steps: every stage is whole
+                    if ckpt.enabled and (stop.requested or checkpoint.is_checkpoint_step(
+                            step - 1, ckpt.every_steps, per_epoch, steps)):
                         _save(cfg, run_dir, stages, step, epoch_generator, evals)
-                    if stop.requested:  # between two steps: every stage is whole
-                        if ckpt.enabled:
-                            _save(cfg, run_dir, stages, step, epoch_generator, evals)
+                    if stop.requested:
                         raise RunStopped(run_dir, step if ckpt.enabled else None)
                 rate = throughput.end_epoch()
                 train_seconds += time.perf_counter() - t0

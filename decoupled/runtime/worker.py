@@ -162,7 +162,8 @@ class StageWorker:
 
                 predictor = self.stage.rule.extra["predictor"]
                 state = {k: v.cpu() for k, v in predictor.state_dict().items()}
-                ray.get(self.coordinators[self.stage.index].register.remote(self.stage.index, predictor.shape, predictor.hidden, state),
+                coordinator = self.coordinators[self.stage.index]
+                ray.get(coordinator.register.remote(self.stage.index, predictor.shape, predictor.hidden, state),
                         timeout=cfg.links.timeout_s)
                 self.predictor_fingerprint = self._fingerprint()
         return {**self.where(), "device": _describe(self.device), "index": self.rank}
@@ -261,9 +262,8 @@ class StageWorker:
             torch.cuda.current_stream(self.device).synchronize()
         self.stats["epoch_end"] = time.time()
         self.skip = 0
-        done = self.last_step + 1  # the epoch's end, or where request_stop ended it
-        if self.run_dir is not None and done > 0 and done not in self.saved:
-            self._save_checkpoint(done)
+        if self.run_dir is not None and self.last_step >= 0:  # the epoch's end, or where request_stop ended it
+            self._save_checkpoint(self.last_step + 1)  # (nothing if its last step already wrote it)
         return {**self.stats, "last_step": self.last_step}
 
     def request_stop(self) -> None:
