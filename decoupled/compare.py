@@ -39,7 +39,8 @@ def comparison_table(runs: list[dict]) -> str:
 
 def compare(config: Config | dict, parent: Path | None = None) -> dict:
     """Run every method in ``config.compare.methods`` (``repeats`` rounds); returns the comparison (also
-    ``comparison.json`` and ``comparison.md``)."""
+    ``comparison.json``, ``comparison.md``, ``comparison.png`` and, over several epochs,
+    ``learning_curves.png``)."""
     cfg = as_config(config)
     if cfg.compare is None:
         raise ConfigError("compare: the config has no 'compare' section listing the methods to run")
@@ -48,7 +49,8 @@ def compare(config: Config | dict, parent: Path | None = None) -> dict:
     configs = [cfg.with_method(m) for m in methods]  # all validated before the first run starts
     parent = Path(parent) if parent is not None else new_run_dir(cfg.output.dir, cfg.name)
     rounds: list[list[dict]] = []
-    # One set of Ray workers for every run: the methods are measured on the same processes and bundles.
+    # One placement group for every run: the methods are measured on the same bundles (on GPUs, the
+    # same processes too; on CPU each run gets fresh processes and placement group, see below).
     # Rounds interleave the methods, so a machine that slows down slows them all alike.
     on_ray = any(c.resolved_runtime() == "ray" for c in configs)
     with _ray_workers(cfg) if on_ray else contextlib.nullcontext() as workers:
@@ -56,6 +58,10 @@ def compare(config: Config | dict, parent: Path | None = None) -> dict:
             rounds.append([])
             for method, run_cfg in zip(methods, configs):
                 run_dir = parent / method.display_name() / (f"rep-{rep}" if repeats > 1 else "")
+                if workers is not None and workers.device == "cpu" and (rep or rounds[-1]):
+                    # fresh processes: a CPU worker's peak memory is its process's, and the
+                    # allocator would otherwise carry the last run's peak (and its heap) into this one
+                    workers.restart(graceful=True)
                 rounds[-1].append(train(run_cfg, run_dir, dataset, workers))
                 if cfg.train.progress:
                     r = rounds[-1][-1]
@@ -65,6 +71,12 @@ def compare(config: Config | dict, parent: Path | None = None) -> dict:
     runs = [_aggregate(rounds, i) for i in range(len(methods))]
     table = comparison_table(runs)
     result = {"name": cfg.name, "parent": str(parent), "repeats": repeats, "runs": runs, "table": table}
+    from .plots import plot_comparison, plot_learning_curves
+
+    result["plots"] = [str(plot_comparison(result, parent / "comparison.png"))]
+    if any(len(r["test_accuracy_per_epoch"]) > 1 for r in runs):
+        result["plots"].append(str(plot_learning_curves(runs, parent / "learning_curves.png",
+                                                        f"{cfg.name}: test accuracy")))
     write_json_atomic(parent / "comparison.json", result)
     (parent / "comparison.md").write_text(f"# {cfg.name}\n\n{table}")
     return result

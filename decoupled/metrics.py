@@ -94,12 +94,14 @@ class Throughput:
 
 
 class PeakMemory:
-    """Peak memory of one run: torch's peak GPU allocation, or on CPU the largest resident
-    size sampled during the run (the process-wide peak would include earlier runs of a
-    ``compare`` in the same process)."""
+    """Peak memory of one run: torch's peak GPU allocation; on CPU, with ``process_peak``, the
+    kernel's record of this process's largest resident size (right for a process started for
+    the run: ``compare`` gives each CPU run fresh Ray workers), else the largest resident size
+    sampled during the run (the in-process runner's process also ran whatever came before)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, process_peak: bool = False) -> None:
         self.device = device
+        self.process_peak = process_peak
         self.peak_rss = 0.0
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -107,13 +109,20 @@ class PeakMemory:
 
     def sample(self) -> None:
         if self.device.type != "cuda":
-            self.peak_rss = max(self.peak_rss, _resident_mb())
+            self.peak_rss = max(self.peak_rss, _peak_rss_mb() if self.process_peak else _resident_mb())
 
     @property
     def mb(self) -> float:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
+        self.sample()
         return self.peak_rss
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
 def _resident_mb() -> float:

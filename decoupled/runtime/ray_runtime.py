@@ -130,9 +130,9 @@ class RayWorkers:
             )
         return gpus
 
-    def restart(self) -> None:
+    def restart(self, graceful: bool = False) -> None:
         """New actors (and a new placement group, which Ray places on the nodes still there)."""
-        self._stop_actors(graceful=False)
+        self._stop_actors(graceful=graceful)
         self._start_actors()
 
     def stop(self) -> None:

@@ -139,7 +139,7 @@ class StageWorker:
         self.plans, (self.stage,) = build_stages(stage_cfg, dataset, self.device, [index])
         self.total_steps = total_steps(cfg, dataset, self.replicas)
         self.per_epoch = steps_per_epoch(cfg, dataset, self.replicas)
-        self.memory = PeakMemory(self.device)
+        self.memory = PeakMemory(self.device, process_peak=True)
         self._open_links()
         if self.mode in ("gpipe", "1f1b"):
             from .schedules import PipelineSchedule
