@@ -1,4 +1,4 @@
-"""Command line: ``decoupled train | compare | split --config FILE [key=value ...]``."""
+"""Command line: ``decoupled train | compare | split | plan --config FILE [key=value ...]``."""
 
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ def _parser() -> argparse.ArgumentParser:
         "train": "train one run: runs/<name>/ gets config.yaml, TensorBoard events and summary.json",
         "compare": "run every method in the config's 'compare' section side by side; writes comparison.json/.md",
         "split": "print how the model's blocks are split into stages",
+        "plan": "profile the model here (or read a profile) and predict samples/s and idle time of every method "
+                "at --workers stages with a discrete-event simulation of the schedules",
     }
     for name, text in helps.items():
         p = sub.add_parser(name, help=text, description=text)
@@ -30,8 +32,99 @@ def _parser() -> argparse.ArgumentParser:
         if name == "train":
             p.add_argument("--resume", metavar="RUN_DIR",
                            help="continue the run in RUN_DIR from its latest checkpoint (with its own config)")
+        if name == "plan":
+            _plan_arguments(p)
         p.add_argument("overrides", nargs="*", metavar="key=value", help="override config fields, e.g. train.epochs=3")
     return parser
+
+
+def _plan_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, required=True, metavar="K", help="pipeline stages (workers) to plan for")
+    p.add_argument("--profile", metavar="FILE", help="use a profile saved earlier (on this or another machine) "
+                   "instead of measuring here")
+    p.add_argument("--save-profile", metavar="FILE", help="write the measured profile here (JSON)")
+    p.add_argument("--link", default="profile", metavar="SPEC",
+                   help="link cost: 'profile' (measured, default), 'gpu-cluster' (25 GB/s, 10 us: InfiniBand "
+                   "HDR between nodes) or 'GBPS,US' (bandwidth in GB/s, latency in microseconds)")
+    p.add_argument("--cores", default="profile", metavar="N",
+                   help="cores the workers share ('profile': the profiled machine's on CPU; 'none': a device per "
+                   "worker, as on a GPU cluster)")
+    p.add_argument("--assume-device", metavar="TFLOPS,US[,GBPS]",
+                   help="plan for a device you do not have: every block's counted FLOPs at TFLOPS achieved, plus US "
+                   "microseconds per layer and pass, updates at GBPS GB/s of memory (default 2000); e.g. 100,15 "
+                   "for an H100 in TF32")
+    p.add_argument("--steps", type=int, help="steps to simulate (default: the config's run, at most 300)")
+    p.add_argument("--measured", metavar="COMPARISON_JSON",
+                   help="a 'decoupled compare' result at the same K: print predicted against measured samples/s")
+    p.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
+
+
+def _link_spec(spec: str) -> dict | None:
+    from .plan import gpu_cluster_link
+
+    if spec == "profile":
+        return None
+    if spec == "gpu-cluster":
+        return gpu_cluster_link()
+    try:
+        bandwidth, latency = (float(v) for v in spec.split(","))
+        if bandwidth <= 0 or latency < 0:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"--link: expected 'profile', 'gpu-cluster' or 'GBPS,US' (e.g. 25,10), got {spec!r}") from None
+    return gpu_cluster_link(bandwidth, latency)
+
+
+def _plan(args, cfg) -> None:
+    from .metrics import write_json_atomic
+    from .plan import compare_measured, format_plan, load_profile, measure_profile, methods_of, plan
+
+    link = _link_spec(args.link)
+    if args.cores not in ("profile", "none") and not args.cores.isdigit():
+        raise ConfigError(f"--cores: expected a number, 'profile' or 'none', got {args.cores!r}")
+    cores = None if args.cores == "none" else args.cores if args.cores == "profile" else int(args.cores)
+    comparison = None
+    if args.measured:
+        try:
+            comparison = json.loads(open(args.measured).read())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ConfigError(f"--measured: cannot read {args.measured}: {err}") from None
+    if args.profile:
+        profile = load_profile(args.profile)
+    else:
+        from .train import prepare
+
+        cfg, dataset = prepare(cfg)
+        print(f"profiling {cfg.model.name} at batch size {cfg.train.batch_size} ...", file=sys.stderr, flush=True)
+        # an assumed device needs FLOP counts, not this machine's times (nor its link)
+        profile = measure_profile(cfg, dataset, methods_of(cfg), timed=not args.assume_device,
+                                  link=not args.assume_device and link is None)
+        if args.save_profile:
+            write_json_atomic(args.save_profile, profile)
+    if args.assume_device:
+        from .plan import assume_device
+
+        try:
+            values = [float(v) for v in args.assume_device.split(",")]
+            if len(values) not in (2, 3) or min(values) <= 0:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"--assume-device: expected TFLOPS,US[,GBPS] (e.g. 100,15), got {args.assume_device!r}") \
+                from None
+        profile = assume_device(profile, *values)
+    if comparison is not None and comparison.get("runs"):
+        # the measured runs' split, so both sides describe the same pipeline
+        split = next((r["split"] for r in comparison["runs"] if r.get("stages", 1) == args.workers), None)
+        if split:
+            cfg = cfg.model_copy(update={"split": cfg.split.model_copy(update={
+                "stages": args.workers, "boundaries": [b[0] for b in split[1:]]})})
+    result = plan(cfg, args.workers, profile, link=link, cores=cores, steps=args.steps)
+    validation = compare_measured(result, comparison) if comparison is not None else None
+    if validation is not None:
+        result["validation"] = validation
+    print(format_plan(result, validation), end="")
+    if args.json:
+        write_json_atomic(args.json, result)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
 
             summary = train(cfg)
             print(json.dumps({k: summary[k] for k in ("run_dir", "method", "stages", "samples_per_sec", "test_accuracy")}))
+        elif args.command == "plan":
+            _plan(args, cfg)
         elif args.command == "compare":
             from .compare import compare
 

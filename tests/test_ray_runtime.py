@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -82,6 +83,11 @@ def test_every_mode_trains_digits_like_the_inprocess_runner(ray_cluster, tmp_pat
         assert run["test_accuracy"] >= references[key] - 0.02, (label, run["test_accuracy"], references[key])
         assert all(0.0 <= s["compute_fraction"] <= 1.0 for s in run["stage_stats"])
     assert runs["cdni"]["stage_stats"][0]["predictor_loads"] >= 1
+    # on CPU each run gets fresh worker processes, so a stage's peak memory is that run's own
+    pid_sets = [{s["pid"] for s in r["stage_info"]} for r in result["runs"]]
+    assert all(not (a & b) for i, a in enumerate(pid_sets) for b in pid_sets[i + 1:])
+    assert all(s["peak_memory_mb"] > 0 for r in result["runs"] for s in r["stage_stats"])
+    assert (Path(result["parent"]) / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_slow_stage_holds_back_the_stage_before_it_only_by_the_in_flight_bound(ray_cluster, tmp_path):

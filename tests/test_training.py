@@ -76,7 +76,7 @@ def test_a_second_run_of_the_same_name_gets_its_own_directory(tmp_path):
 def test_compare_runs_each_method_and_reports_ratios(tmp_path):
     cfg = digits_config(
         tmp_path,
-        train={"epochs": 1, "batch_size": 32, "progress": False},
+        train={"epochs": 2, "batch_size": 32, "progress": False},
         compare={"methods": [{"name": "backprop"}, {"name": "dgl"}, {"name": "dni", "conditioned": True, "label": "cdni"}]},
     )
     result = decoupled.compare(cfg)
@@ -89,6 +89,12 @@ def test_compare_runs_each_method_and_reports_ratios(tmp_path):
     table = (parent / "comparison.md").read_text()
     assert "| cdni | dni | 3 |" in table and "× backprop" in table
     assert result["table"] == data["table"]
+    from PIL import Image
+
+    for name in ("comparison.png", "learning_curves.png"):  # learning curves: the runs have two epochs
+        with Image.open(parent / name) as image:
+            assert image.format == "PNG" and image.size[0] > 600
+    assert data["plots"] == [str(parent / "comparison.png"), str(parent / "learning_curves.png")]
 
 
 def test_compare_repeats_interleave_rounds_and_report_medians(tmp_path):

@@ -1,0 +1,417 @@
+"""What the planner knows about a machine: measured costs of every block, head, predictor and link.
+
+A profile is plain JSON, so one measured on a GPU node (``decoupled plan --save-profile``)
+plans for that node anywhere. Everything is timed with the code the trainers run: the
+model's own blocks, DGL's ``auxiliary_head``, DNI's ``GradientPredictor`` and
+``PredictorTrainer``, the config's optimizer, and gloo between two processes. Times are
+medians of ``repeats`` after a warm-up run, on copies (BatchNorm statistics stay put).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import pickle
+import platform
+import socket
+import statistics
+import time
+from collections.abc import Callable
+from datetime import timedelta
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..config import Config, DFAMethod, DGLMethod, DNIMethod
+from ..data import Dataset
+from ..models import build_blocks, count_parameters, output_shape
+from ..pipeline import resolve_device
+from ..rules.dgl import auxiliary_head
+from ..rules.dni import GradientPredictor, PredictorTrainer
+from ..stage import build_optimizer
+
+PROFILE_VERSION = 1
+
+
+def _median_time(run: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
+    """Median seconds of ``run`` over ``repeats`` after a warm-up (``repeats=0``: not timed, 0.0)."""
+    if repeats == 0:
+        return 0.0
+    run()  # warm-up: first-call allocations and kernel choice
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        run()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _flops(run: Callable[[], object]) -> int:
+    with FlopCounterMode(display=False) as counter:
+        run()
+    return int(counter.get_total_flops())
+
+
+def _leaf_layers(module: nn.Module) -> int:
+    return sum(1 for m in module.modules() if not list(m.children()))
+
+
+def micro_sizes(cfg: Config, methods: list) -> list[int]:
+    """Batch sizes the schedules run: the batch, and its micro-batches under GPipe/1F1B."""
+    sizes = {cfg.train.batch_size}
+    for m in methods:
+        if getattr(m, "schedule", None) in ("gpipe", "1f1b"):
+            sizes.add(cfg.train.batch_size // m.microbatches)
+    return sorted(sizes, reverse=True)
+
+
+def measure_profile(cfg: Config, dataset: Dataset, methods: list, repeats: int = 5, link: bool = True,
+                    timed: bool = True, contention: bool = True) -> dict:
+    """Time every block at every batch size the ``methods`` use, each rule's extra modules at every
+    possible boundary, (``link``) a gloo link between two local processes, and (``contention``) how
+    much CPU workers sharing this machine slow each other down.
+
+    ``timed=False`` only counts FLOPs (for ``assume_device``), except the DNI predictors'
+    training, which the coordinator does on its CPU wherever the stages run.
+    """
+    device = resolve_device(cfg.train.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    torch.manual_seed(cfg.seed)
+    blocks = [b.to(device) for b in copy.deepcopy(build_blocks(cfg.model, dataset.input_shape, dataset.num_classes))]
+    batch = cfg.train.batch_size
+    sizes = micro_sizes(cfg, methods)
+    x = dataset.train_x[:batch].to(device)
+    y = dataset.train_y[:batch].to(device)
+    if len(x) < batch:
+        raise ValueError(f"train.batch_size: profiling needs {batch} training samples, the data has {len(x)}")
+    out_blocks, boundaries = [], []
+    shape = tuple(dataset.input_shape)
+    for j, block in enumerate(blocks):
+        block.train()
+        entry = {"index": j, "params": count_parameters(block), "layers": _leaf_layers(block),
+                 "input_shape": list(shape), "fwd_s": {}, "bwd_s": {}, "bwd_input_s": {}, "flops": {}}
+        for size in sizes:
+            xs = x[:size].detach()
+            if timed:
+                entry["fwd_s"][str(size)], entry["bwd_s"][str(size)] = _fwd_bwd(block, xs, False, repeats, sync)
+                _, entry["bwd_input_s"][str(size)] = _fwd_bwd(block, xs, True, repeats, sync)
+            else:
+                entry["fwd_s"][str(size)] = entry["bwd_s"][str(size)] = entry["bwd_input_s"][str(size)] = 0.0
+            entry["flops"][str(size)] = _fwd_bwd_flops(block, xs)
+        params = [p for p in block.parameters()]
+        entry["opt_s"] = _optimizer_time(block, cfg, repeats, sync) if timed else 0.0
+        entry["clone_s"] = _median_time(lambda: [p.detach().clone() for p in params], repeats, sync) \
+            if params and timed else 0.0
+        with torch.no_grad():
+            x = block(x)
+        shape = output_shape(block, shape)
+        entry["output_shape"] = list(shape)
+        entry["output_bytes"] = math.prod(shape) * x.element_size()  # per sample
+        out_blocks.append(entry)
+        if j < len(blocks) - 1:
+            boundaries.append(_boundary_costs(j, x.detach(), y, methods, cfg, dataset.num_classes,
+                                              repeats if timed else 0, sync))
+    profile = {
+        "version": PROFILE_VERSION,
+        "timed": timed,
+        "device": describe_device(device, cfg.train.threads),
+        "device_type": device.type,
+        "cores": _cores() if device.type == "cpu" else None,
+        "threads": cfg.train.threads or torch.get_num_threads(),
+        "batch_size": batch,
+        "sizes": sizes,
+        "model": cfg.model.model_dump(mode="json"),
+        "input_shape": list(dataset.input_shape),
+        "num_classes": dataset.num_classes,
+        "train_samples": len(dataset.train_y),
+        "blocks": out_blocks,
+        "boundaries": boundaries,
+        "link": measure_link() if link else None,
+        # CPU workers that share a machine slow each other down (memory bandwidth, caches, SMT)
+        "contention": measure_contention(cfg, dataset, _cores() // (cfg.train.threads or 1))
+        if contention and timed and device.type == "cpu" and _cores() // (cfg.train.threads or 1) > 1 else None,
+        "measured": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    return profile
+
+
+def _fwd_bwd(block: nn.Module, x: torch.Tensor, input_grad: bool, repeats: int, sync) -> tuple[float, float]:
+    """Median forward and backward seconds (``input_grad``: backward also computes dL/dinput)."""
+    fwd, bwd = [], []
+    for r in range(repeats + 1):
+        inp = x.detach().requires_grad_(input_grad)
+        sync()
+        t0 = time.perf_counter()
+        out = block(inp)
+        sync()
+        t1 = time.perf_counter()
+        out.backward(torch.ones_like(out))
+        sync()
+        t2 = time.perf_counter()
+        if r:  # the first is a warm-up
+            fwd.append(t1 - t0)
+            bwd.append(t2 - t1)
+    block.zero_grad(set_to_none=True)
+    return statistics.median(fwd), statistics.median(bwd)
+
+
+def _fwd_bwd_flops(block: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """FLOPs of the forward, of the backward, and of the backward without the input's gradient."""
+    out: dict[str, int] = {}
+    for input_grad in (True, False):
+        inp = x.detach().requires_grad_(input_grad)
+        holder: dict = {}
+        out["fwd"] = _flops(lambda: holder.setdefault("out", block(inp)))
+        y = holder["out"]
+        out["bwd" if input_grad else "bwd_noinput"] = _flops(lambda: y.backward(torch.ones_like(y)))
+        block.zero_grad(set_to_none=True)
+    return out
+
+
+def _optimizer_time(module: nn.Module, cfg: Config, repeats: int, sync) -> float:
+    params = list(module.parameters())
+    if not params:
+        return 0.0
+    opt = build_optimizer(params, cfg.optimizer)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+
+    def step() -> None:
+        opt.step()
+        for p in params:  # a fresh gradient each step, as after a backward (zero_grad sets None)
+            p.grad = torch.zeros_like(p)
+
+    with torch.no_grad():
+        saved = [p.detach().clone() for p in params]
+    t = _median_time(step, repeats, sync)
+    with torch.no_grad():
+        for p, s in zip(params, saved):
+            p.copy_(s)
+            p.grad = None
+    return t
+
+
+def _boundary_costs(j: int, h: torch.Tensor, y: torch.Tensor, methods: list, cfg: Config, classes: int,
+                    repeats: int, sync) -> dict:
+    """Per method label: what its rule adds at a stage whose output is ``h`` (the output of block ``j``)."""
+    shape = tuple(h.shape[1:])
+    out: dict = {"after_block": j, "shape": list(shape), "methods": {}}
+    for m in methods:
+        label = m.display_name()
+        if isinstance(m, DGLMethod):
+            head = auxiliary_head(shape, classes, m.aux_hidden).to(h.device)
+            opt = build_optimizer(list(head.parameters()), cfg.optimizer)
+
+            def aux_step(head=head, opt=opt) -> None:
+                inp = h.detach().requires_grad_(True)  # its gradient flows on into the stage
+                F.cross_entropy(head(inp), y).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            out["methods"][label] = {"aux_s": _median_time(aux_step, repeats, sync),
+                                     "aux_flops": _flops(aux_step), "aux_layers": _leaf_layers(head)}
+        elif isinstance(m, DNIMethod):
+            hidden = m.predictor_hidden or shape[0]
+            predictor = GradientPredictor(shape, classes, m.conditioned, hidden, m.predictor_layers,
+                                          m.predictor_kernel_size).to(h.device)
+            for p in predictor.parameters():  # not the zero init: an all-zero layer is not what runs later
+                nn.init.normal_(p, std=0.01)
+            trainer = PredictorTrainer(predictor, m.predictor_lr, m.predictor_optimizer)
+            grad = torch.randn_like(h) / h.shape[0]
+
+            def predict(predictor=predictor) -> None:
+                with torch.no_grad():
+                    predictor(h, y)
+
+            def submit() -> None:  # what sending (h, y, dL/dh) to the coordinator serialises
+                pickle.dumps((h.cpu().numpy(), y.cpu().numpy(), grad.cpu().numpy()), protocol=5)
+
+            out["methods"][label] = {
+                "predict_s": _median_time(predict, repeats, sync),
+                "train_s": _median_time(lambda trainer=trainer: trainer.update(h, y, grad), max(repeats, 2), sync),
+                "submit_s": _median_time(submit, repeats, lambda: None),
+                "sample_bytes": 2 * h.numel() * h.element_size() + y.numel() * y.element_size(),
+                "predict_flops": _flops(predict), "train_flops": _flops(lambda: trainer.update(h, y, grad)),
+                "predictor_layers": _leaf_layers(predictor),
+            }
+        elif isinstance(m, DFAMethod):
+            matrix = torch.randn(classes, math.prod(shape), device=h.device)
+            error = torch.randn(h.shape[0], classes, device=h.device)
+            out["methods"][label] = {"project_s": _median_time(lambda: (error @ matrix).view_as(h), repeats, sync),
+                                     "project_flops": 2 * error.numel() * matrix.shape[1]}
+    return out
+
+
+def describe_device(device: torch.device, threads: int | None) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {cpu}, {threads or torch.get_num_threads()} thread(s) per worker, {_cores()} cores (torch {torch.__version__})"
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+# ----------------------------------------------------------------------------- links
+
+
+def measure_link(sizes: tuple[int, ...] = (4096, 4 << 20), repeats: int = 20) -> dict:
+    """One-way time of a gloo send between two processes on this machine: latency + bytes / bandwidth."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_link_peer, args=(rank, port, sizes, repeats, results)) for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    try:
+        times = results.get(timeout=120)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    (s0, t0), (s1, t1) = (sizes[0], times[0]), (sizes[-1], times[-1])
+    bandwidth = (s1 - s0) / max(t1 - t0, 1e-9)
+    latency = max(t0 - s0 / bandwidth, 0.0)
+    return {"latency_s": latency, "bandwidth_bytes_per_s": bandwidth, "source": "measured: gloo, two local processes",
+            "samples": {str(s): t for s, t in zip(sizes, times)}}
+
+
+def _link_peer(rank: int, port: int, sizes: tuple[int, ...], repeats: int, results) -> None:
+    import torch.distributed as dist
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, 2, rank == 0, timedelta(seconds=60))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    out = []
+    for size in sizes:
+        buf = torch.zeros(size // 4, dtype=torch.float32)
+        times = []
+        for r in range(repeats + 2):
+            t0 = time.perf_counter()
+            if rank == 0:  # ping-pong: half the round trip is one way
+                dist.send(buf, 1)
+                dist.recv(buf, 1)
+            else:
+                dist.recv(buf, 0)
+                dist.send(buf, 0)
+            if r >= 2:
+                times.append((time.perf_counter() - t0) / 2)
+        out.append(statistics.median(times))
+    if rank == 0:
+        results.put(out)
+    dist.destroy_process_group()
+
+
+def measure_contention(cfg: Config, dataset: Dataset, workers: int, seconds: float = 3.0) -> dict[str, float]:
+    """How much slower a training step runs when ``workers`` processes train at once than alone.
+
+    Returns {"1": 1.0, str(workers): factor}; the simulation interpolates between them.
+    """
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    args = (cfg.model.model_dump(mode="json"), tuple(dataset.input_shape), dataset.num_classes,
+            cfg.train.batch_size, cfg.train.threads or 1, seconds)
+    times = {}
+    for n in (1, workers):
+        barrier, results = ctx.Barrier(n), ctx.Queue()
+        procs = [ctx.Process(target=_contention_worker, args=(*args, barrier, results)) for _ in range(n)]
+        for p in procs:
+            p.start()
+        try:
+            per_step = [results.get(timeout=300) for _ in procs]
+        finally:
+            for p in procs:
+                p.join(timeout=30)
+                if p.is_alive():
+                    p.kill()
+        times[n] = statistics.median(per_step)
+    return {"1": 1.0, str(workers): times[workers] / times[1]}
+
+
+def _contention_worker(model: dict, shape: tuple, classes: int, batch: int, threads: int, seconds: float,
+                       barrier, results) -> None:
+    from pydantic import TypeAdapter
+
+    from ..config import ModelConfig
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    net = nn.Sequential(*build_blocks(TypeAdapter(ModelConfig).validate_python(model), shape, classes))
+    x, y = torch.randn(batch, *shape), torch.randint(0, classes, (batch,))
+    F.cross_entropy(net(x), y).backward()  # warm-up
+    barrier.wait()  # all start together, so the steps overlap
+    steps, t0 = [], time.perf_counter()
+    while time.perf_counter() - t0 < seconds or len(steps) < 3:
+        t = time.perf_counter()
+        F.cross_entropy(net(x), y).backward()
+        steps.append(time.perf_counter() - t)
+    results.put(statistics.median(steps))
+
+
+def gpu_cluster_link(bandwidth_gbytes: float = 25.0, latency_us: float = 10.0) -> dict:
+    """A stated link model: the default is a 200 Gb/s InfiniBand HDR path between nodes (25 GB/s)
+    with 10 us of latency per message, GPU-direct (no host copies)."""
+    return {"latency_s": latency_us * 1e-6, "bandwidth_bytes_per_s": bandwidth_gbytes * 1e9,
+            "source": f"assumed: {bandwidth_gbytes:g} GB/s, {latency_us:g} us per message"}
+
+
+# ----------------------------------------------------------------- assumed devices
+
+
+def assume_device(profile: dict, tflops: float, overhead_us: float, memory_gbytes: float = 2000.0,
+                  name: str | None = None) -> dict:
+    """The profile as a device we do not have would run it: every time becomes its counted FLOPs at
+    ``tflops`` achieved, plus ``overhead_us`` per layer and pass (kernel launches); updates and weight
+    copies move their bytes at ``memory_gbytes`` GB/s. The DNI coordinator's predictor training keeps
+    its measured time: the runtime trains predictors on the coordinator's CPU.
+    """
+    rate, over, mem = tflops * 1e12, overhead_us * 1e-6, memory_gbytes * 1e9
+    out = copy.deepcopy(profile)
+    out["device"] = name or f"assumed device: {tflops:g} TFLOP/s achieved, {overhead_us:g} us per layer and pass, " \
+                            f"{memory_gbytes:g} GB/s memory"
+    out["device_type"] = "assumed"
+    out["timed"] = True  # every time is now set
+    out["cores"] = None
+    for blk in out["blocks"]:
+        for size, f in blk["flops"].items():
+            blk["fwd_s"][size] = f["fwd"] / rate + blk["layers"] * over
+            blk["bwd_input_s"][size] = f["bwd"] / rate + blk["layers"] * over
+            blk["bwd_s"][size] = f["bwd_noinput"] / rate + blk["layers"] * over
+        blk["opt_s"] = 16 * blk["params"] / mem + 3 * over  # read weight, gradient, momentum; write two
+        blk["clone_s"] = 8 * blk["params"] / mem + over
+    for boundary in out["boundaries"]:
+        for extra in boundary["methods"].values():
+            if "aux_flops" in extra:
+                extra["aux_s"] = extra["aux_flops"] / rate + 2 * extra["aux_layers"] * over
+            if "predict_flops" in extra:
+                extra["predict_s"] = extra["predict_flops"] / rate + extra["predictor_layers"] * over
+                # the sample leaves the GPU for the coordinator: a host copy at PCIe speed (25 GB/s)
+                extra["submit_s"] = extra["sample_bytes"] / 25e9 + over
+            if "project_flops" in extra:
+                extra["project_s"] = extra["project_flops"] / rate + over
+    return out

@@ -1,0 +1,436 @@
+"""Discrete-event simulation of one run's steps under every schedule the runtime has (SimPy).
+
+Each stage worker is a SimPy process that does what ``runtime/worker.py`` does, in the
+same order, with measured durations instead of tensors:
+
+- compute takes a core from the machine's pool when workers share cores (a CPU machine:
+  waiting for a core counts as compute, as time-slicing would), or runs at once (one GPU
+  per worker);
+- a link is a FIFO wire (latency + bytes / bandwidth per message) behind a queue of
+  ``in_flight_bound(max_in_flight)`` messages: a sender blocks only when it is that far ahead;
+- lockstep schedules (GPipe, 1F1B, data parallel) meet at a barrier each step, as the
+  workers' stop-flag all-reduce makes them;
+- each DNI coordinator trains its predictor from the samples the next stage sends, dropping
+  the oldest beyond ``predictor_max_outstanding``; its work takes cores from the same pool.
+
+Samples/s is computed as the runtime computes it: the samples from step ``warmup`` on,
+over the time from stage 0 starting that step to the last worker finishing.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+from dataclasses import dataclass, field
+
+import simpy
+
+from ..runtime.links import in_flight_bound
+
+END = "epoch-end"  # the marker a stage sends after its last batch
+
+
+@dataclass
+class LinkCost:
+    latency_s: float
+    bandwidth_bytes_per_s: float
+
+    def seconds(self, nbytes: float) -> float:
+        return self.latency_s + nbytes / self.bandwidth_bytes_per_s
+
+
+@dataclass
+class StageTimes:
+    """Durations (seconds) of one stage's tasks for one batch (``micro``: one micro-batch)."""
+
+    fwd: float = 0.0  # forward (decoupled rules: the whole local step, see ``plan``)
+    bwd: float = 0.0  # backward and update when the feedback comes (naive, dfa, local dni)
+    fwd_micro: float = 0.0
+    bwd_micro: float = 0.0
+    opt: float = 0.0  # optimizer step (once per batch under GPipe/1F1B)
+    out_bytes: float = 0.0  # one message forward (activation and labels)
+    back_bytes: float = 0.0  # one message backward (gradient or output error)
+    train_s: float = 0.0  # DNI: the coordinator's (or, locally, this stage's) predictor step for this boundary
+    submit: float = 0.0  # DNI: serialising one (h, y, dL/dh) sample for the coordinator
+
+
+@dataclass
+class Workload:
+    """One run to simulate: the mode, per-stage times, and the run's settings."""
+
+    mode: str  # single, ddp, naive, gpipe, 1f1b, dgl, dgl-replay, dni, dni-local, dfa
+    stages: list[StageTimes]
+    batch_size: int
+    steps: int
+    warmup: int
+    max_in_flight: int = 2
+    microbatches: int = 1
+    allreduce_bytes: float = 0.0  # ddp: gradient bytes each step
+    replay_capacity: int = 0
+    replay_max_reuse: int = 1
+    sample_rate: float = 1.0
+    max_outstanding: int = 8
+    seed: int = 0
+
+
+@dataclass
+class Prediction:
+    samples_per_sec: float
+    idle_fraction: list[float]
+    seconds: float
+    coordinator_utilisation: list[float] = field(default_factory=list)
+    dropped_samples: list[int] = field(default_factory=list)
+
+
+class _Link:
+    def __init__(self, sim: "_Sim", capacity: int) -> None:
+        self.sim = sim
+        self.slots = simpy.Container(sim.env, capacity, init=capacity)
+        self.store = simpy.Store(sim.env)
+        self.wire_free = 0.0
+
+    def send(self, item, nbytes: float):
+        yield self.slots.get(1)  # blocks only when the receiver is ``capacity`` messages behind
+        env = self.sim.env
+        arrival = max(env.now, self.wire_free) + self.sim.link.seconds(nbytes)
+        self.wire_free = arrival
+        self.store.put((arrival, item))
+
+    def recv(self):
+        arrival, item = yield self.store.get()
+        if arrival > self.sim.env.now:
+            yield self.sim.env.timeout(arrival - self.sim.env.now)
+        yield self.slots.put(1)
+        return item
+
+    def poll(self):
+        """The next message if it has arrived, else None (never waits)."""
+        if self.store.items and self.store.items[0][0] <= self.sim.env.now:
+            _, item = self.store.items.pop(0)
+            self.slots.put(1)
+            return item
+        return None
+
+
+class _Sim:
+    def __init__(self, w: Workload, link: LinkCost, cores: int | None) -> None:
+        self.w, self.link = w, link
+        self.env = simpy.Environment()
+        self.pool = simpy.Resource(self.env, cores) if cores else None
+        n = len(w.stages)
+        self.busy = [0.0] * n
+        self.end = [0.0] * n
+        self.first: float | None = None  # stage 0 starts step ``warmup``
+        self.barriers: dict[int, tuple[int, simpy.Event]] = {}
+        self.coord_busy: list[float] = []
+        self.running = 0  # compute tasks holding a core now
+        self.contention: dict[int, float] = {}
+        self.coord_dropped: list[int] = []
+
+    def compute(self, k: int | None, seconds: float):
+        t0 = self.env.now
+        if seconds > 0:
+            if self.pool is None:
+                yield self.env.timeout(seconds)
+            else:
+                with self.pool.request() as req:
+                    yield req
+                    self.running += 1
+                    try:
+                        yield self.env.timeout(seconds * self.slowdown(self.running))
+                    finally:
+                        self.running -= 1
+        if k is not None:
+            self.busy[k] += self.env.now - t0
+
+    def slowdown(self, running: int) -> float:
+        """Linear between the measured points (1 task: 1.0)."""
+        points = sorted({1: 1.0, **self.contention}.items())
+        for (n0, f0), (n1, f1) in zip(points, points[1:]):
+            if running <= n1:
+                return f0 + (f1 - f0) * (running - n0) / (n1 - n0)
+        return points[-1][1]
+
+    def mark(self, k: int, step: int) -> None:
+        if k == 0 and step == min(self.w.warmup, self.w.steps - 1) and self.first is None:
+            self.first = self.env.now
+
+    def barrier(self, step: int, parties: int):
+        count, event = self.barriers.get(step, (0, self.env.event()))
+        count += 1
+        self.barriers[step] = (count, event)
+        if count == parties:
+            event.succeed()
+        yield event
+        yield self.env.timeout(self.link.latency_s)  # the one-number all-reduce
+
+    def links(self, n: int, capacity: int) -> list[_Link]:
+        return [_Link(self, capacity) for _ in range(n)]
+
+
+def simulate(w: Workload, link: LinkCost, cores: int | None, contention: dict | None = None) -> Prediction:
+    """Run ``w`` on workers that share ``cores`` cores (None: each has its own device).
+
+    ``contention``: {tasks running at once: slowdown} measured on the machine (see
+    ``profile.measure_contention``); a task runs at the slowdown of the tasks running when it starts.
+    """
+    sim = _Sim(w, link, cores)
+    sim.contention = {int(n): f for n, f in (contention or {}).items()}
+    n, env = len(w.stages), sim.env
+    bound = in_flight_bound(w.max_in_flight)
+    fwd = sim.links(n, bound)  # fwd[k]: stage k -> k+1
+    back = sim.links(n, bound)  # back[k]: stage k+1 -> k (gradient) or last -> k (dfa error)
+    runners = {
+        "single": _single, "ddp": _ddp, "naive": _naive, "gpipe": _pipelined, "1f1b": _pipelined,
+        "dgl": _dgl, "dgl-replay": _dgl, "dni": _dni, "dni-local": _dni, "dfa": _dfa,
+    }
+    if w.mode not in runners:
+        raise ValueError(f"simulate: unknown mode {w.mode!r}")
+    workers = 1 if w.mode == "single" else n
+    if w.mode == "dni":
+        sim.coord_busy, sim.coord_dropped = [0.0] * (n - 1), [0] * (n - 1)
+        queues = [collections.deque() for _ in range(n - 1)]
+        wakeups = [env.event() for _ in range(n - 1)]
+        sim.coordinator = (queues, wakeups)
+        for b in range(n - 1):
+            env.process(_coordinator(sim, b))
+    procs = [env.process(runners[w.mode](sim, k, fwd, back)) for k in range(workers)]
+    env.run(until=simpy.AllOf(env, procs))
+    samples = (w.steps - min(w.warmup, w.steps - 1)) * w.batch_size * (n if w.mode == "ddp" else 1)
+    span = max(sim.end[:workers]) - (sim.first or 0.0)
+    idle = [1.0 - sim.busy[k] / sim.end[k] if sim.end[k] > 0 else 0.0 for k in range(workers)]
+    total = max(sim.end[:workers]) or 1.0
+    return Prediction(samples / span if span > 0 else float("nan"), idle, total,
+                      [b / total for b in sim.coord_busy], list(sim.coord_dropped))
+
+
+# ----------------------------------------------------------------------- schedules
+
+
+def _single(sim: _Sim, k: int, fwd, back):
+    s = sim.w.stages[0]
+    for step in range(sim.w.steps):
+        sim.mark(0, step)
+        yield from sim.compute(0, s.fwd + s.bwd + s.opt)
+    sim.end[0] = sim.env.now
+
+
+def _ddp(sim: _Sim, k: int, fwd, back):
+    w, s = sim.w, sim.w.stages[k]
+    n = len(w.stages)
+    ring = 2 * (n - 1) / n * w.allreduce_bytes / sim.link.bandwidth_bytes_per_s + 2 * (n - 1) * sim.link.latency_s
+    for step in range(w.steps):
+        yield from sim.barrier(step, n)
+        sim.mark(k, step)
+        yield from sim.compute(k, s.fwd + s.bwd)
+        t0 = sim.env.now
+        yield from sim.barrier(-1 - step, n)  # gradients are averaged once every replica has them
+        yield sim.env.timeout(ring)
+        sim.busy[k] += sim.env.now - t0  # inside DDP's backward: the runtime counts it as compute
+        yield from sim.compute(k, s.opt)
+    sim.end[k] = sim.env.now
+
+
+def _naive(sim: _Sim, k: int, fwd, back):
+    """Backprop across stages, one batch at a time (also fa and sign_symmetric)."""
+    w, s = sim.w, sim.w.stages[k]
+    last = len(w.stages) - 1
+    for step in range(w.steps):
+        if k > 0:
+            yield from fwd[k - 1].recv()
+        sim.mark(k, step)
+        yield from sim.compute(k, s.fwd)
+        if k < last:
+            yield from fwd[k].send(step, s.out_bytes)
+            yield from back[k].recv()
+        yield from sim.compute(k, s.bwd + s.opt)
+        if k > 0:
+            yield from back[k - 1].send(step, w.stages[k - 1].out_bytes)
+    sim.end[k] = sim.env.now
+
+
+def _pipeline_order(kind: str, k: int, n: int, m: int) -> list[tuple[str, int]]:
+    """The forward/backward order of torch's ScheduleGPipe and Schedule1F1B on stage ``k`` of ``n``."""
+    if kind == "gpipe":
+        return [("F", i) for i in range(m)] + [("B", i) for i in range(m)]
+    warm = min(m, n - k)
+    order = [("F", i) for i in range(warm)]
+    f, b = warm, 0
+    while b < m:
+        order.append(("B", b))
+        b += 1
+        if f < m:
+            order.append(("F", f))
+            f += 1
+    return order
+
+
+def _pipelined(sim: _Sim, k: int, fwd, back):
+    w, s = sim.w, sim.w.stages[k]
+    n, m = len(w.stages), w.microbatches
+    last = n - 1
+    order = _pipeline_order(w.mode, k, n, m)
+    micro_out = s.out_bytes / m
+    for step in range(w.steps):
+        yield from sim.barrier(step, n)
+        sim.mark(k, step)
+        for op, i in order:
+            if op == "F":
+                if k > 0:
+                    yield from fwd[k - 1].recv()
+                yield from sim.compute(k, s.fwd_micro)
+                if k < last:
+                    sim.env.process(fwd[k].send((step, i), micro_out))  # isend: the schedule goes on
+            else:
+                if k < last:
+                    yield from back[k].recv()
+                yield from sim.compute(k, s.bwd_micro)
+                if k > 0:
+                    sim.env.process(back[k - 1].send((step, i), w.stages[k - 1].out_bytes / m))
+        yield from sim.compute(k, s.opt)
+    sim.end[k] = sim.env.now
+
+
+def _dgl(sim: _Sim, k: int, fwd, back):
+    """Local losses: step, send on; with a replay buffer a stage trains on recent inputs while new ones come."""
+    w, s = sim.w, sim.w.stages[k]
+    last = len(w.stages) - 1
+    replay = w.mode == "dgl-replay" and k > 0
+    buffer: list[list[int]] = []  # [uses, order] of each entry
+    added = 0
+    step = 0
+    while True:
+        if k == 0:
+            if step == w.steps:
+                break
+        elif not replay:
+            item = yield from fwd[k - 1].recv()
+            if item == END:
+                break
+        else:
+            item = None
+            while (item := fwd[k - 1].poll()) is not None or not _usable(buffer, w.replay_max_reuse):
+                if item is None:  # nothing usable left: wait for something new
+                    item = yield from fwd[k - 1].recv()
+                if item == END:
+                    break
+                if len(buffer) == w.replay_capacity:
+                    buffer.pop(0)
+                buffer.append([0, added])
+                added += 1
+            if item == END:
+                break
+            entry = min((e for e in buffer if e[0] < w.replay_max_reuse), key=lambda e: (e[0], -e[1]))
+            entry[0] += 1
+        sim.mark(k, step)
+        yield from sim.compute(k, s.fwd)
+        if k < last:
+            yield from fwd[k].send(step, s.out_bytes)
+        step += 1
+    if k < last:
+        yield from fwd[k].send(END, 0)
+    sim.end[k] = sim.env.now
+
+
+def _usable(buffer: list[list[int]], max_reuse: int) -> bool:
+    return any(e[0] < max_reuse for e in buffer)
+
+
+def _dni(sim: _Sim, k: int, fwd, back):
+    """Synthetic gradients: step with the predicted gradient, send on, sample to the coordinator."""
+    w, s = sim.w, sim.w.stages[k]
+    last = len(w.stages) - 1
+    rng = random.Random(w.seed * 7919 + k)
+    local = w.mode == "dni-local"
+    pending = 0
+    step = 0
+    while True:
+        if k == 0:
+            if step == w.steps:
+                break
+        else:
+            item = yield from fwd[k - 1].recv()
+            if item == END:
+                break
+        sim.mark(k, step)
+        yield from sim.compute(k, s.fwd)
+        if k < last:
+            yield from fwd[k].send(step, s.out_bytes)
+        if k > 0:
+            if local:
+                yield from back[k - 1].send(step, w.stages[k - 1].out_bytes)
+            elif rng.random() < w.sample_rate:
+                yield from sim.compute(k, s.submit)
+                queues, wakeups = sim.coordinator
+                queue = queues[k - 1]
+                queue.append(step)
+                while len(queue) > w.max_outstanding:
+                    queue.popleft()
+                    sim.coord_dropped[k - 1] += 1
+                if not wakeups[k - 1].triggered:
+                    wakeups[k - 1].succeed()
+        if local and k < last:
+            pending = yield from _drain(sim, k, back[k], pending + 1, s.train_s, block=False)
+        step += 1
+    if local:
+        while pending:
+            pending = yield from _drain(sim, k, back[k], pending, s.train_s, block=True)
+    if k < last:
+        yield from fwd[k].send(END, 0)
+    sim.end[k] = sim.env.now
+
+
+def _coordinator(sim: _Sim, b: int):
+    queues, wakeups = sim.coordinator
+    queue = queues[b]
+    train = sim.w.stages[b].train_s
+    while True:
+        if not queue:
+            wakeups[b] = sim.env.event()
+            yield wakeups[b]
+        queue.popleft()
+        t0 = sim.env.now
+        yield from sim.compute(None, train)
+        sim.coord_busy[b] += sim.env.now - t0
+
+
+def _drain(sim: _Sim, k: int, link: _Link, pending: int, seconds: float, block: bool):
+    """Apply arrived feedback; wait only while more than ``max_in_flight`` graphs are held (or ``block``)."""
+    while pending:
+        if block or pending > sim.w.max_in_flight:
+            yield from link.recv()
+        elif link.poll() is None:
+            break
+        yield from sim.compute(k, seconds)
+        pending -= 1
+    return pending
+
+
+def _dfa(sim: _Sim, k: int, fwd, back):
+    """Direct feedback alignment: forward and send on; the output error comes back from the last stage."""
+    w, s = sim.w, sim.w.stages[k]
+    last = len(w.stages) - 1
+    pending = 0
+    step = 0
+    while True:
+        if k == 0:
+            if step == w.steps:
+                break
+        else:
+            item = yield from fwd[k - 1].recv()
+            if item == END:
+                break
+        sim.mark(k, step)
+        yield from sim.compute(k, s.fwd)
+        if k < last:
+            yield from fwd[k].send(step, s.out_bytes)
+            pending = yield from _drain(sim, k, back[k], pending + 1, s.bwd + s.opt, block=False)
+        else:
+            for j in range(last):
+                yield from back[j].send(step, s.back_bytes)
+        step += 1
+    while pending:
+        pending = yield from _drain(sim, k, back[k], pending, s.bwd + s.opt, block=True)
+    if k < last:
+        yield from fwd[k].send(END, 0)
+    sim.end[k] = sim.env.now

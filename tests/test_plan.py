@@ -1,0 +1,212 @@
+"""The scaling planner: its simulation against closed forms, its profile and its command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from decoupled.cli import main
+from decoupled.config import ConfigError, build_config
+from decoupled.plan import balanced_split, load_profile, measure_profile, plan, workload
+from decoupled.plan.simulate import LinkCost, StageTimes, Workload, _pipeline_order, simulate
+from decoupled.train import prepare
+
+FREE = LinkCost(0.0, 1e18)  # no link cost: the schedules' own arithmetic shows
+
+
+def _run(mode: str, stages: list[StageTimes], steps: int = 40, warmup: int = 5, cores=None, link=FREE,
+         contention=None, **kw):
+    return simulate(Workload(mode, stages, 10, steps, warmup, **kw), link, cores, contention)
+
+
+def test_single_worker_is_one_step_after_another():
+    p = _run("single", [StageTimes(fwd=0.01, bwd=0.02, opt=0.005)])
+    assert p.samples_per_sec == pytest.approx(10 / 0.035)
+    assert p.idle_fraction == [pytest.approx(0.0)]
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_local_losses_pipeline_fills_once_then_runs_at_one_stage_per_step(k):
+    # stage j finishes step i at (i + j + 1) t: the run ends at (N + K - 1) t, timing starts at W t
+    t, n, w = 0.01, 40, 5
+    p = _run("dgl", [StageTimes(fwd=t) for _ in range(k)], steps=n, warmup=w)
+    assert p.samples_per_sec == pytest.approx((n - w) * 10 / ((n + k - 1 - w) * t))
+
+
+def test_naive_model_parallel_is_sequential_including_both_link_directions():
+    link = LinkCost(0.001, 1e9)
+    stages = [StageTimes(fwd=0.01, bwd=0.02, opt=0.001, out_bytes=1e6) for _ in range(3)]
+    p = _run("naive", stages, link=link)
+    per_step = 3 * (0.01 + 0.02 + 0.001) + 2 * 2 * link.seconds(1e6)  # 2 boundaries, forward and back
+    assert p.samples_per_sec == pytest.approx(10 / per_step, rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("k,m", [(2, 4), (4, 8)])
+def test_gpipe_and_1f1b_have_the_same_bubble(kind, k, m):
+    # equal stages: a step takes (M + K - 1)(f + b) plus the update, under both schedules
+    f, b, opt = 0.002, 0.004, 0.001
+    p = _run(kind, [StageTimes(fwd_micro=f, bwd_micro=b, opt=opt) for _ in range(k)], microbatches=m)
+    assert p.samples_per_sec == pytest.approx(10 / ((m + k - 1) * (f + b) + opt), rel=1e-6)
+
+
+def test_1f1b_order_matches_torch_schedule():
+    # torch's Schedule1F1B: K - k forwards first, then one backward, one forward, ...
+    assert _pipeline_order("1f1b", 0, 2, 4) == [("F", 0), ("F", 1), ("B", 0), ("F", 2), ("B", 1), ("F", 3),
+                                                 ("B", 2), ("B", 3)]
+    assert _pipeline_order("1f1b", 1, 2, 4)[:3] == [("F", 0), ("B", 0), ("F", 1)]
+
+
+def test_shared_cores_are_work_conserving():
+    # two local-loss stages on one core: one step of each per batch, one after the other
+    p = _run("dgl", [StageTimes(fwd=0.01), StageTimes(fwd=0.03)], steps=200, cores=1)
+    assert p.samples_per_sec == pytest.approx(10 / 0.04, rel=0.03)
+
+
+def test_measured_contention_slows_tasks_that_run_together():
+    stages = [StageTimes(fwd=0.01), StageTimes(fwd=0.01)]
+    alone = _run("dgl", stages, steps=200, cores=2)
+    together = _run("dgl", stages, steps=200, cores=2, contention={"2": 1.5})
+    assert together.samples_per_sec == pytest.approx(alone.samples_per_sec / 1.5, rel=0.02)
+    naive = [StageTimes(fwd=0.01, bwd=0.01), StageTimes(fwd=0.01, bwd=0.01)]
+    # one stage at a time: nothing to contend with
+    assert _run("naive", naive, cores=2, contention={"2": 1.5}).samples_per_sec == pytest.approx(
+        _run("naive", naive, cores=2).samples_per_sec)
+
+
+def test_a_slow_stage_sets_the_pace_and_the_fast_one_waits_to_send():
+    p = _run("dgl", [StageTimes(fwd=0.01), StageTimes(fwd=0.02)], steps=200, max_in_flight=1)
+    assert p.samples_per_sec == pytest.approx(10 / 0.02, rel=0.03)
+    assert p.idle_fraction[0] == pytest.approx(0.5, abs=0.03)
+    assert p.idle_fraction[1] < 0.02
+
+
+def test_replay_buffer_lets_the_slow_upstream_stage_set_the_rate_without_waiting():
+    stages = [StageTimes(fwd=0.02), StageTimes(fwd=0.01)]
+    plain = _run("dgl", stages, steps=200)
+    replay = _run("dgl-replay", stages, steps=200, replay_capacity=4, replay_max_reuse=4)
+    assert plain.idle_fraction[1] == pytest.approx(0.5, abs=0.03)  # waits for input
+    assert replay.idle_fraction[1] < 0.05  # trains on buffered inputs meanwhile
+    assert replay.samples_per_sec == pytest.approx(plain.samples_per_sec, rel=0.03)  # fresh data: stage 0's rate
+
+
+def test_dni_coordinator_falls_behind_and_drops_samples_when_training_is_slow():
+    stages = [StageTimes(fwd=0.01, train_s=0.05), StageTimes(fwd=0.01)]
+    p = _run("dni", stages, steps=100, sample_rate=1.0, max_outstanding=4)
+    assert p.samples_per_sec == pytest.approx(10 / 0.01 * 95 / 96, rel=0.02)  # the stages never wait for it
+    assert p.coordinator_utilisation[0] > 0.9
+    assert p.dropped_samples[0] > 50
+    shared = _run("dni", stages, steps=100, sample_rate=1.0, max_outstanding=4, cores=2)
+    assert shared.samples_per_sec < 0.8 * p.samples_per_sec  # on two shared cores it takes the stages' time
+
+
+def test_data_parallel_adds_the_ring_all_reduce():
+    link = LinkCost(1e-4, 1e9)
+    stages = [StageTimes(fwd=0.01, bwd=0.02, opt=0.001) for _ in range(4)]
+    p = _run("ddp", stages, link=link, allreduce_bytes=8e6)
+    ring = 2 * 3 / 4 * 8e6 / 1e9 + 2 * 3 * 1e-4
+    step = 0.031 + ring + 2 * link.latency_s  # two barriers: the stop flag and the gradients
+    assert p.samples_per_sec == pytest.approx(4 * 10 / step, rel=1e-3)
+
+
+def test_dfa_waits_only_beyond_the_in_flight_bound():
+    # the error takes a long way back: with room for 8 graphs, stage 0 keeps forwarding meanwhile
+    # (a link's sender thread sends one message at a time: latency counts per message, in order)
+    link = LinkCost(0.015, 1e18)
+    stages = [StageTimes(fwd=0.01, bwd=0.01), StageTimes(fwd=0.01)]
+    loose = _run("dfa", stages, link=link, steps=100, max_in_flight=8)
+    tight = _run("dfa", stages, link=link, steps=100, max_in_flight=1)
+    assert loose.samples_per_sec == pytest.approx(10 / 0.02, rel=0.05)  # stage 0's own pace
+    assert loose.samples_per_sec > 1.3 * tight.samples_per_sec
+
+
+# ------------------------------------------------------------------ profile and plan
+
+
+def _tiny_config(**overrides) -> dict:
+    raw = {
+        "name": "plan-test", "seed": 0, "runtime": "ray",
+        "data": {"name": "synthetic", "shape": [3, 8, 8], "train_size": 256, "test_size": 32},
+        "model": {"name": "vgg", "widths": [4, 8, 8], "convs_per_block": 1},
+        "split": {"stages": 2},
+        "train": {"batch_size": 32, "threads": 1, "epochs": 1},
+        "compare": {"methods": [
+            {"name": "backprop", "schedule": "single", "label": "single"},
+            {"name": "backprop", "schedule": "gpipe", "microbatches": 4, "label": "gpipe"},
+            {"name": "backprop", "schedule": "1f1b", "microbatches": 2, "label": "1f1b"},
+            {"name": "backprop", "schedule": "ddp", "label": "ddp"},
+            {"name": "dgl", "aux_hidden": 8},
+            {"name": "dni", "conditioned": True, "predictor_hidden": 4, "label": "cdni"},
+            {"name": "dfa"},
+        ]},
+    }
+    raw.update(overrides)
+    return raw
+
+
+@pytest.fixture(scope="module")
+def tiny_profile():
+    cfg, dataset = prepare(build_config(_tiny_config()))
+    return cfg, measure_profile(cfg, dataset, list(cfg.compare.methods), repeats=2, link=False, contention=False)
+
+
+def test_profile_times_every_block_size_and_rule(tiny_profile):
+    cfg, profile = tiny_profile
+    assert profile["sizes"] == [32, 16, 8]  # the batch, and the micro-batches of 1f1b (M=2) and gpipe (M=4)
+    assert len(profile["blocks"]) == 4 and len(profile["boundaries"]) == 3
+    for blk in profile["blocks"]:
+        assert set(blk["fwd_s"]) == {"32", "16", "8"} and all(v > 0 for v in blk["fwd_s"].values())
+        assert blk["flops"]["32"]["bwd"] > 0
+    assert profile["blocks"][0]["output_bytes"] == 4 * 4 * 4 * 4  # 4 channels at 4x4, float32
+    extras = profile["boundaries"][0]["methods"]
+    assert extras["dgl"]["aux_s"] > 0 and extras["cdni"]["train_s"] > 0 and extras["dfa"]["project_s"] > 0
+
+
+def test_plan_predicts_every_method_and_balances_the_split(tiny_profile):
+    cfg, profile = tiny_profile
+    link = {"latency_s": 1e-5, "bandwidth_bytes_per_s": 1e9, "source": "test"}
+    result = plan(cfg, 2, profile, link=link, cores=None)
+    labels = [p["label"] for p in result["predictions"]]
+    assert labels == [m.display_name() for m in cfg.compare.methods]
+    assert all(p["samples_per_sec"] > 0 for p in result["predictions"])
+    by = {p["label"]: p for p in result["predictions"]}
+    assert len(by["dgl"]["idle_fraction"]) == 2 and len(by["single"]["idle_fraction"]) == 1
+    assert by["ddp"]["samples_per_sec"] > by["single"]["samples_per_sec"]  # two replicas, own devices
+    four = plan(cfg, 4, profile, link=link, cores=None)
+    assert len(four["boundaries"]) == 3 and four["boundaries"] == balanced_split(profile, 4)
+
+
+def test_workload_composes_stage_times_from_blocks(tiny_profile):
+    cfg, profile = tiny_profile
+    dgl = next(m for m in cfg.compare.methods if m.name == "dgl")
+    w = workload(profile, dgl, [2], cfg, steps=8)
+    b0, b1 = profile["blocks"][0], profile["blocks"][1]
+    aux = profile["boundaries"][1]["methods"]["dgl"]["aux_s"]
+    expected = (b0["fwd_s"]["32"] + b1["fwd_s"]["32"] + aux + b0["bwd_s"]["32"] + b1["bwd_input_s"]["32"]
+                + b0["opt_s"] + b1["opt_s"])
+    assert w.stages[0].fwd == pytest.approx(expected)
+
+
+def test_a_saved_profile_plans_elsewhere_and_a_wrong_one_is_refused(tiny_profile, tmp_path, capsys):
+    cfg, profile = tiny_profile
+    profile = dict(profile, link={"latency_s": 1e-5, "bandwidth_bytes_per_s": 1e9, "source": "test"})
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(profile))
+    config = tmp_path / "c.yaml"
+    import yaml
+
+    config.write_text(yaml.safe_dump(_tiny_config()))
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--config", str(config), "--workers", "3", "--profile", str(path), "--cores", "none",
+                 "--link", "gpu-cluster", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["workers"] == 3 and result["link"]["bandwidth_bytes_per_s"] == 25e9
+    assert "| dgl |" in capsys.readouterr().out
+    assert load_profile(path)["batch_size"] == 32
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        plan(build_config(_tiny_config(train={"batch_size": 64, "threads": 1})), 2, profile)
+    assert main(["plan", "--config", str(config), "--workers", "9", "--profile", str(path)]) == 2
+    assert "--workers" in capsys.readouterr().err
+    assert main(["plan", "--config", str(config), "--workers", "2", "--profile", str(path), "--link", "fast"]) == 2
+    assert "--link" in capsys.readouterr().err
