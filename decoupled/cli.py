@@ -40,8 +40,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, required=True, metavar="K", help="pipeline stages (workers) to plan for")
-    p.add_argument("--profile", metavar="FILE", help="use a profile saved earlier (on this or another machine) "
-                   "instead of measuring here")
+    p.add_argument("--profile", metavar="FILE", action="append",
+                   help="use a profile saved earlier (on this or another machine) instead of measuring here; given "
+                   "several times (e.g. before and after a benchmark on a shared host), each time is their median")
     p.add_argument("--save-profile", metavar="FILE", help="write the measured profile here (JSON)")
     p.add_argument("--link", default="profile", metavar="SPEC",
                    help="link cost: 'profile' (measured, default), 'gpu-cluster' (25 GB/s, 10 us: InfiniBand "
@@ -57,6 +58,7 @@ def _plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--measured", metavar="COMPARISON_JSON",
                    help="a 'decoupled compare' result at the same K: print predicted against measured samples/s")
     p.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
+    p.add_argument("--plot", metavar="PNG", help="also draw predicted (and measured) samples/s per method")
 
 
 def _link_spec(spec: str) -> dict | None:
@@ -90,7 +92,12 @@ def _plan(args, cfg) -> None:
         except (OSError, json.JSONDecodeError) as err:
             raise ConfigError(f"--measured: cannot read {args.measured}: {err}") from None
     if args.profile:
-        profile = load_profile(args.profile)
+        from .plan import merge_profiles
+
+        try:
+            profile = merge_profiles([load_profile(p) for p in args.profile])
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     else:
         from .train import prepare
 
@@ -117,7 +124,7 @@ def _plan(args, cfg) -> None:
         split = next((r["split"] for r in comparison["runs"] if r.get("stages", 1) == args.workers), None)
         if split:
             cfg = cfg.model_copy(update={"split": cfg.split.model_copy(update={
-                "stages": args.workers, "boundaries": [b[0] for b in split[1:]]})})
+                "stages": args.workers, "boundaries": [b["blocks"][0] for b in split[1:]]})})
     result = plan(cfg, args.workers, profile, link=link, cores=cores, steps=args.steps)
     validation = compare_measured(result, comparison) if comparison is not None else None
     if validation is not None:
@@ -125,6 +132,10 @@ def _plan(args, cfg) -> None:
     print(format_plan(result, validation), end="")
     if args.json:
         write_json_atomic(args.json, result)
+    if args.plot:
+        from .plots import plot_plan
+
+        plot_plan(result, args.plot)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,11 +14,11 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 
 def plot_comparison(result: dict, path: Path) -> Path:
-    """Three panels: samples/s (bars: medians, whiskers: min and max over repeats), idle fraction
+    """Three panels, one above the other: samples/s (bars: medians, whiskers: min and max over repeats), idle fraction
     and peak memory of each stage."""
     runs = result["runs"]
     labels = [r["label"] for r in runs]
-    fig, axes = plt.subplots(1, 3, figsize=(max(12.0, 1.1 * len(runs) * 3), 4.5))
+    fig, axes = plt.subplots(3, 1, figsize=(max(7.0, 0.6 * len(runs) + 2.0), 12.0), sharex=True)
     speed = [r["samples_per_sec"] for r in runs]
     lo = [s - min(r.get("samples_per_sec_runs", [s])) for s, r in zip(speed, runs)]
     hi = [max(r.get("samples_per_sec_runs", [s])) - s for s, r in zip(speed, runs)]
@@ -73,3 +73,23 @@ def _save(fig, path: Path) -> Path:
     plt.close(fig)
     tmp.replace(path)  # readers never see half a figure
     return path
+
+
+def plot_plan(result: dict, path: Path) -> Path:
+    """Predicted samples/s per method; beside each, the measured figure when the plan was validated."""
+    rows = result["predictions"]
+    measured = {v["label"]: v["measured"] for v in result.get("validation", [])}
+    labels = [r["label"] for r in rows]
+    xs = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.6 * len(rows) + 2.0), 4.5))
+    width = 0.4 if measured else 0.8
+    ax.bar([x - (width / 2 if measured else 0) for x in xs], [r["samples_per_sec"] for r in rows], width=width,
+           label="predicted", color="tab:blue")
+    if measured:
+        ax.bar([x + width / 2 for x in xs], [measured.get(lbl, 0.0) for lbl in labels], width=width,
+               label="measured (median)", color="tab:orange")
+    ax.set_xticks(list(xs), labels, rotation=60, ha="right")
+    ax.set_ylabel("samples/s")
+    ax.set_title(f"{result['workers']} workers: {result['device']}", fontsize="small")
+    ax.legend()
+    return _save(fig, path)

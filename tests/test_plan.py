@@ -51,6 +51,13 @@ def test_gpipe_and_1f1b_have_the_same_bubble(kind, k, m):
     assert p.samples_per_sec == pytest.approx(10 / ((m + k - 1) * (f + b) + opt), rel=1e-6)
 
 
+def test_schedule_overhead_is_paid_per_micro_batch_op_and_per_step():
+    f, b, opt, per_step, per_micro = 0.002, 0.004, 0.001, 0.003, 0.002
+    p = _run("gpipe", [StageTimes(fwd_micro=f, bwd_micro=b, opt=opt) for _ in range(2)], microbatches=4,
+             schedule_overhead=(per_step, per_micro))
+    assert p.samples_per_sec == pytest.approx(10 / ((4 + 1) * (f + b + per_micro) + opt + per_step), rel=1e-6)
+
+
 def test_1f1b_order_matches_torch_schedule():
     # torch's Schedule1F1B: K - k forwards first, then one backward, one forward, ...
     assert _pipeline_order("1f1b", 0, 2, 4) == [("F", 0), ("F", 1), ("B", 0), ("F", 2), ("B", 1), ("F", 3),
@@ -206,6 +213,21 @@ def test_a_saved_profile_plans_elsewhere_and_a_wrong_one_is_refused(tiny_profile
     assert load_profile(path)["batch_size"] == 32
     with pytest.raises(ConfigError, match="train.batch_size"):
         plan(build_config(_tiny_config(train={"batch_size": 64, "threads": 1})), 2, profile)
+    # predicted against measured: the measured runs' split is used, and every error printed
+    comparison = tmp_path / "comparison.json"
+    comparison.write_text(json.dumps({"runs": [
+        {"label": "dgl", "stages": 2, "samples_per_sec": 1000.0, "split": [{"index": 0, "blocks": [0, 1]},
+                                                                           {"index": 1, "blocks": [1, 4]}]},
+        {"label": "single", "stages": 1, "samples_per_sec": 500.0, "split": [{"index": 0, "blocks": [0, 4]}]}]}))
+    assert main(["plan", "--config", str(config), "--workers", "2", "--profile", str(path), "--measured",
+                 str(comparison), "--json", str(out), "--plot", str(tmp_path / "plan.png")]) == 0
+    result = json.loads(out.read_text())
+    assert result["boundaries"] == [1]
+    by = {v["label"]: v for v in result["validation"]}
+    assert set(by) == {"dgl", "single"}
+    assert by["dgl"]["error"] == pytest.approx(by["dgl"]["predicted"] / 1000.0 - 1.0)
+    assert "largest error" in capsys.readouterr().out
+    assert (tmp_path / "plan.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["plan", "--config", str(config), "--workers", "9", "--profile", str(path)]) == 2
     assert "--workers" in capsys.readouterr().err
     assert main(["plan", "--config", str(config), "--workers", "2", "--profile", str(path), "--link", "fast"]) == 2

@@ -20,7 +20,7 @@ from pathlib import Path
 from ..config import (BackpropMethod, Config, ConfigError, DFAMethod, DGLMethod, DNIMethod, FAMethod,
                       SignSymmetricMethod)
 from ..split import partition
-from .profile import PROFILE_VERSION, assume_device, gpu_cluster_link, measure_profile, micro_sizes
+from .profile import PROFILE_VERSION, assume_device, gpu_cluster_link, measure_profile, merge_profiles, micro_sizes
 from .simulate import LinkCost, Prediction, StageTimes, Workload, simulate
 
 MAX_SIMULATED_STEPS = 300  # beyond this the pipeline is in its steady state: more steps change nothing
@@ -139,6 +139,9 @@ def workload(profile: dict, method, boundaries: list[int], cfg: Config, steps: i
         elif mode in ("gpipe", "1f1b"):
             m = method.microbatches
             w.microbatches = m
+            overhead = (profile.get("pipeline_overhead") or {}).get(mode)
+            if overhead:
+                w.schedule_overhead = (overhead["per_step_s"], overhead["per_microbatch_s"])
             t.fwd_micro, t.bwd_micro, t.opt = c.fwd(a, b, batch // m), c.bwd(a, b, batch // m, sends_grad), opt
         elif mode in ("dgl", "dgl-replay"):
             t.fwd = fwd + extra.get("aux_s", 0.0) + bwd + opt  # the whole local step
@@ -278,4 +281,4 @@ def format_plan(result: dict, validation: list[dict] | None = None) -> str:
 
 
 __all__ = ["plan", "measure_profile", "load_profile", "balanced_split", "workload", "compare_measured",
-           "format_plan", "gpu_cluster_link", "assume_device"]
+           "format_plan", "gpu_cluster_link", "assume_device", "merge_profiles"]

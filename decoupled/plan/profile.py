@@ -70,7 +70,7 @@ def micro_sizes(cfg: Config, methods: list) -> list[int]:
     return sorted(sizes, reverse=True)
 
 
-def measure_profile(cfg: Config, dataset: Dataset, methods: list, repeats: int = 5, link: bool = True,
+def measure_profile(cfg: Config, dataset: Dataset, methods: list, repeats: int = 10, link: bool = True,
                     timed: bool = True, contention: bool = True) -> dict:
     """Time every block at every batch size the ``methods`` use, each rule's extra modules at every
     possible boundary, (``link``) a gloo link between two local processes, and (``contention``) how
@@ -91,20 +91,14 @@ def measure_profile(cfg: Config, dataset: Dataset, methods: list, repeats: int =
     y = dataset.train_y[:batch].to(device)
     if len(x) < batch:
         raise ValueError(f"train.batch_size: profiling needs {batch} training samples, the data has {len(x)}")
-    out_blocks, boundaries = [], []
+    out_blocks, boundaries, inputs = [], [], []
     shape = tuple(dataset.input_shape)
     for j, block in enumerate(blocks):
         block.train()
+        inputs.append(x)
         entry = {"index": j, "params": count_parameters(block), "layers": _leaf_layers(block),
-                 "input_shape": list(shape), "fwd_s": {}, "bwd_s": {}, "bwd_input_s": {}, "flops": {}}
-        for size in sizes:
-            xs = x[:size].detach()
-            if timed:
-                entry["fwd_s"][str(size)], entry["bwd_s"][str(size)] = _fwd_bwd(block, xs, False, repeats, sync)
-                _, entry["bwd_input_s"][str(size)] = _fwd_bwd(block, xs, True, repeats, sync)
-            else:
-                entry["fwd_s"][str(size)] = entry["bwd_s"][str(size)] = entry["bwd_input_s"][str(size)] = 0.0
-            entry["flops"][str(size)] = _fwd_bwd_flops(block, xs)
+                 "input_shape": list(shape), "fwd_s": {}, "bwd_s": {}, "bwd_input_s": {},
+                 "flops": {str(size): _fwd_bwd_flops(block, x[:size]) for size in sizes}}
         params = [p for p in block.parameters()]
         entry["opt_s"] = _optimizer_time(block, cfg, repeats, sync) if timed else 0.0
         entry["clone_s"] = _median_time(lambda: [p.detach().clone() for p in params], repeats, sync) \
@@ -118,6 +112,29 @@ def measure_profile(cfg: Config, dataset: Dataset, methods: list, repeats: int =
         if j < len(blocks) - 1:
             boundaries.append(_boundary_costs(j, x.detach(), y, methods, cfg, dataset.num_classes,
                                               repeats if timed else 0, sync))
+    # Forward and backward of every block, size and variant, in rounds: a machine whose speed
+    # drifts (a shared host) then shifts every block alike instead of skewing some of them.
+    samples: dict[tuple[int, int, bool], tuple[list[float], list[float]]] = {}
+    for r in range(repeats + 1 if timed else 0):
+        for j, block in enumerate(blocks):
+            for size in sizes:
+                for input_grad in (False, True):
+                    fwd, bwd = _fwd_bwd(block, inputs[j][:size], input_grad, sync)
+                    if r:  # round 0 warms up
+                        samples.setdefault((j, size, input_grad), ([], []))
+                        samples[(j, size, input_grad)][0].append(fwd)
+                        samples[(j, size, input_grad)][1].append(bwd)
+    for j, entry in enumerate(out_blocks):
+        for size in sizes:
+            if timed:
+                fwd, bwd = samples[(j, size, False)]
+                fwd_input, bwd_input = samples[(j, size, True)]
+                entry["fwd_s"][str(size)] = statistics.median(fwd + fwd_input)
+                entry["bwd_s"][str(size)] = statistics.median(bwd)
+                entry["bwd_input_s"][str(size)] = statistics.median(bwd_input)
+            else:
+                entry["fwd_s"][str(size)] = entry["bwd_s"][str(size)] = entry["bwd_input_s"][str(size)] = 0.0
+        blocks[j].zero_grad(set_to_none=True)
     profile = {
         "version": PROFILE_VERSION,
         "timed": timed,
@@ -134,6 +151,10 @@ def measure_profile(cfg: Config, dataset: Dataset, methods: list, repeats: int =
         "blocks": out_blocks,
         "boundaries": boundaries,
         "link": measure_link() if link else None,
+        # torch.distributed.pipelining's own cost per step and per micro-batch (Python, P2P bookkeeping)
+        "pipeline_overhead": measure_pipeline_overhead(cfg.train.batch_size)
+        if link and timed and device.type == "cpu" and any(getattr(m, "schedule", None) in ("gpipe", "1f1b")
+                                                          for m in methods) else None,
         # CPU workers that share a machine slow each other down (memory bandwidth, caches, SMT)
         "contention": measure_contention(cfg, dataset, _cores() // (cfg.train.threads or 1))
         if contention and timed and device.type == "cpu" and _cores() // (cfg.train.threads or 1) > 1 else None,
@@ -142,24 +163,17 @@ def measure_profile(cfg: Config, dataset: Dataset, methods: list, repeats: int =
     return profile
 
 
-def _fwd_bwd(block: nn.Module, x: torch.Tensor, input_grad: bool, repeats: int, sync) -> tuple[float, float]:
-    """Median forward and backward seconds (``input_grad``: backward also computes dL/dinput)."""
-    fwd, bwd = [], []
-    for r in range(repeats + 1):
-        inp = x.detach().requires_grad_(input_grad)
-        sync()
-        t0 = time.perf_counter()
-        out = block(inp)
-        sync()
-        t1 = time.perf_counter()
-        out.backward(torch.ones_like(out))
-        sync()
-        t2 = time.perf_counter()
-        if r:  # the first is a warm-up
-            fwd.append(t1 - t0)
-            bwd.append(t2 - t1)
-    block.zero_grad(set_to_none=True)
-    return statistics.median(fwd), statistics.median(bwd)
+def _fwd_bwd(block: nn.Module, x: torch.Tensor, input_grad: bool, sync) -> tuple[float, float]:
+    """Seconds of one forward and its backward (``input_grad``: the backward also computes dL/dinput)."""
+    inp = x.detach().requires_grad_(input_grad)
+    sync()
+    t0 = time.perf_counter()
+    out = block(inp)
+    sync()
+    t1 = time.perf_counter()
+    out.backward(torch.ones_like(out))
+    sync()
+    return t1 - t0, time.perf_counter() - t1
 
 
 def _fwd_bwd_flops(block: nn.Module, x: torch.Tensor) -> dict[str, int]:
@@ -326,7 +340,7 @@ def _link_peer(rank: int, port: int, sizes: tuple[int, ...], repeats: int, resul
     dist.destroy_process_group()
 
 
-def measure_contention(cfg: Config, dataset: Dataset, workers: int, seconds: float = 3.0) -> dict[str, float]:
+def measure_contention(cfg: Config, dataset: Dataset, workers: int, seconds: float = 5.0) -> dict[str, float]:
     """How much slower a training step runs when ``workers`` processes train at once than alone.
 
     Returns {"1": 1.0, str(workers): factor}; the simulation interpolates between them.
@@ -373,6 +387,67 @@ def _contention_worker(model: dict, shape: tuple, classes: int, batch: int, thre
     results.put(statistics.median(steps))
 
 
+def measure_pipeline_overhead(batch: int, microbatches: tuple[int, int] = (2, 8), steps: int = 30) -> dict:
+    """Seconds torch's GPipe and 1F1B schedules spend per step beyond the model's compute, as
+    ``per_step_s + per_microbatch_s * M``: measured with a one-Linear model on two gloo processes,
+    so what remains is the schedules' own work (micro-batch bookkeeping, P2P calls, waits)."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_pipeline_peer, args=(rank, port, batch, microbatches, steps, results))
+             for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    try:
+        measured = [results.get(timeout=120) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    out = {}
+    m0, m1 = microbatches
+    for kind in ("gpipe", "1f1b"):
+        t0 = max(r[f"{kind}-{m0}"] for r in measured)
+        t1 = max(r[f"{kind}-{m1}"] for r in measured)
+        per_micro = max(0.0, (t1 - t0) / (m1 - m0))
+        out[kind] = {"per_step_s": max(0.0, t0 - per_micro * m0), "per_microbatch_s": per_micro}
+    out["source"] = "measured: torch.distributed.pipelining, a one-Linear model on two gloo processes"
+    return out
+
+
+def _pipeline_peer(rank: int, port: int, batch: int, microbatches: tuple[int, ...], steps: int, results) -> None:
+    import torch.distributed as dist
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, 2, rank == 0, timedelta(seconds=60))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    out = {}
+    x, y = torch.randn(batch, 16), torch.randint(0, 16, (batch,))
+    for kind, schedule in (("gpipe", ScheduleGPipe), ("1f1b", Schedule1F1B)):
+        for m in microbatches:
+            micro = batch // m
+            stage = PipelineStage(nn.Linear(16, 16), rank, 2, torch.device("cpu"),
+                                  input_args=torch.empty(micro, 16, requires_grad=rank > 0),
+                                  output_args=torch.empty(micro, 16, requires_grad=True))
+            run = schedule(stage, m, loss_fn=F.cross_entropy, scale_grads=True)
+            times = []
+            for i in range(steps + 3):
+                t0 = time.perf_counter()
+                run.step(x) if rank == 0 else run.step(target=y, losses=[])
+                if i >= 3:
+                    times.append(time.perf_counter() - t0)
+            out[f"{kind}-{m}"] = statistics.median(times)
+    results.put(out)
+    dist.destroy_process_group()
+
+
 def gpu_cluster_link(bandwidth_gbytes: float = 25.0, latency_us: float = 10.0) -> dict:
     """A stated link model: the default is a 200 Gb/s InfiniBand HDR path between nodes (25 GB/s)
     with 10 us of latency per message, GPU-direct (no host copies)."""
@@ -414,4 +489,30 @@ def assume_device(profile: dict, tflops: float, overhead_us: float, memory_gbyte
                 extra["submit_s"] = extra["sample_bytes"] / 25e9 + over
             if "project_flops" in extra:
                 extra["project_s"] = extra["project_flops"] / rate + over
+    return out
+
+
+def merge_profiles(profiles: list[dict]) -> dict:
+    """Several profiles of the same model (say, taken before and after a benchmark on a shared
+    host whose speed drifts) as one: each time is the median of theirs."""
+    if len(profiles) == 1:
+        return profiles[0]
+    first = profiles[0]
+    for p in profiles[1:]:
+        if p["model"] != first["model"] or p["batch_size"] != first["batch_size"] or p["sizes"] != first["sizes"]:
+            raise ValueError("--profile: the profiles describe different models, batch sizes or micro-batch sizes")
+
+    def merge(values: list):
+        head = values[0]
+        if isinstance(head, dict):
+            return {k: merge([v[k] for v in values]) if all(isinstance(v, dict) and k in v for v in values) else
+                    head[k] for k in head}
+        if isinstance(head, list) and all(isinstance(v, list) and len(v) == len(head) for v in values):
+            return [merge(list(items)) for items in zip(*values)]
+        if isinstance(head, float) and all(isinstance(v, float) for v in values):
+            return statistics.median(values)
+        return head
+
+    out = merge(profiles)
+    out["merged_from"] = [p.get("measured") for p in profiles]
     return out

@@ -66,6 +66,7 @@ class Workload:
     max_in_flight: int = 2
     microbatches: int = 1
     allreduce_bytes: float = 0.0  # ddp: gradient bytes each step
+    schedule_overhead: tuple[float, float] = (0.0, 0.0)  # gpipe/1f1b: the library's seconds per step, per micro-batch
     replay_capacity: int = 0
     replay_max_reuse: int = 1
     sample_rate: float = 1.0
@@ -271,6 +272,8 @@ def _pipelined(sim: _Sim, k: int, fwd, back):
     last = n - 1
     order = _pipeline_order(w.mode, k, n, m)
     micro_out = s.out_bytes / m
+    per_step, per_micro = w.schedule_overhead
+    per_op = per_micro / 2  # a micro-batch is one forward and one backward op
     for step in range(w.steps):
         yield from sim.barrier(step, n)
         sim.mark(k, step)
@@ -278,16 +281,16 @@ def _pipelined(sim: _Sim, k: int, fwd, back):
             if op == "F":
                 if k > 0:
                     yield from fwd[k - 1].recv()
-                yield from sim.compute(k, s.fwd_micro)
+                yield from sim.compute(k, s.fwd_micro + per_op)
                 if k < last:
                     sim.env.process(fwd[k].send((step, i), micro_out))  # isend: the schedule goes on
             else:
                 if k < last:
                     yield from back[k].recv()
-                yield from sim.compute(k, s.bwd_micro)
+                yield from sim.compute(k, s.bwd_micro + per_op)
                 if k > 0:
                     sim.env.process(back[k - 1].send((step, i), w.stages[k - 1].out_bytes / m))
-        yield from sim.compute(k, s.opt)
+        yield from sim.compute(k, s.opt + per_step)
     sim.end[k] = sim.env.now
 
 
