@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
@@ -48,7 +49,8 @@ def _per_stage_bars(ax, runs: list[dict], values, ylabel: str, ylim) -> None:
     ax.set_ylabel(ylabel)
     if ylim:
         ax.set_ylim(*ylim)
-    ax.legend(fontsize="small")
+    if any(per_run):  # in-process runs have no per-stage figures: nothing to label
+        ax.legend(fontsize="small")
 
 
 def plot_learning_curves(runs: list[dict], path: Path, title: str) -> Path:
@@ -58,6 +60,7 @@ def plot_learning_curves(runs: list[dict], path: Path, title: str) -> Path:
         acc = r["test_accuracy_per_epoch"]
         ax.plot(range(1, len(acc) + 1), acc, marker="o", markersize=3, label=r["label"])
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("test accuracy")
     ax.set_title(title)
     ax.grid(alpha=0.3)

@@ -201,7 +201,7 @@ def plan(cfg: Config, workers: int, profile: dict, link: dict | None = None, cor
                      "workers": len(w.stages) if w.mode != "single" else 1,
                      "samples_per_sec": pred.samples_per_sec, "idle_fraction": pred.idle_fraction,
                      "coordinator_utilisation": pred.coordinator_utilisation,
-                     "coordinator_dropped": pred.dropped_samples})
+                     "coordinator_dropped": pred.dropped_samples, "coordinator_trained": pred.trained_samples})
     return {"workers": workers, "boundaries": boundaries, "balanced_boundaries": balanced,
             "stages": stage_table(profile, boundaries, methods, cost), "link": link, "cores": cores, "pool": pool,
             "steps": steps, "device": profile["device"], "contention": profile.get("contention") if pool else None,
@@ -265,12 +265,20 @@ def format_plan(result: dict, validation: list[dict] | None = None) -> str:
     single = next((p["samples_per_sec"] for p in result["predictions"] if p["mode"] == "single"), None)
     lines += ["", "| run | schedule | workers | predicted samples/s | idle per stage |"
               + (" × single |" if single else ""), "|---|---|---|---|---|" + ("---|" if single else "")]
+    coordinators = []
     for p in result["predictions"]:
         idle = " / ".join(f"{x:.2f}" for x in p["idle_fraction"])
         row = f"| {p['label']} | {p['mode']} | {p['workers']} | {p['samples_per_sec']:.0f} | {idle} |"
         if single:
             row += f" {p['samples_per_sec'] / single:.2f} |"
         lines.append(row)
+        if p["coordinator_utilisation"]:
+            busy = " / ".join(f"{100 * u:.0f}%" for u in p["coordinator_utilisation"])
+            trained = " / ".join(str(t) for t in p["coordinator_trained"])
+            dropped = " / ".join(str(d) for d in p["coordinator_dropped"])
+            coordinators.append(f"{p['label']}: coordinators busy {busy}; samples trained on {trained}, "
+                                f"dropped {dropped} (per boundary)")
+    lines += [""] + coordinators if coordinators else []
     if validation:
         errors = [abs(v["error"]) for v in validation]
         lines += ["", "| run | predicted | measured | error |", "|---|---|---|---|"]

@@ -81,6 +81,7 @@ class Prediction:
     seconds: float
     coordinator_utilisation: list[float] = field(default_factory=list)
     dropped_samples: list[int] = field(default_factory=list)
+    trained_samples: list[int] = field(default_factory=list)  # samples each coordinator finished training on
 
 
 class _Link:
@@ -190,6 +191,7 @@ def simulate(w: Workload, link: LinkCost, cores: int | None, contention: dict | 
     workers = 1 if w.mode == "single" else n
     if w.mode == "dni":
         sim.coord_busy, sim.coord_dropped = [0.0] * (n - 1), [0] * (n - 1)
+        sim.coord_started, sim.coord_trained = [None] * (n - 1), [0] * (n - 1)
         queues = [collections.deque() for _ in range(n - 1)]
         wakeups = [env.event() for _ in range(n - 1)]
         sim.coordinator = (queues, wakeups)
@@ -201,8 +203,12 @@ def simulate(w: Workload, link: LinkCost, cores: int | None, contention: dict | 
     span = max(sim.end[:workers]) - (sim.first or 0.0)
     idle = [1.0 - sim.busy[k] / sim.end[k] if sim.end[k] > 0 else 0.0 for k in range(workers)]
     total = max(sim.end[:workers]) or 1.0
+    for b, started in enumerate(getattr(sim, "coord_started", [])):
+        if started is not None:  # a predictor step still running when the stages finished
+            sim.coord_busy[b] += total - started
     return Prediction(samples / span if span > 0 else float("nan"), idle, total,
-                      [b / total for b in sim.coord_busy], list(sim.coord_dropped))
+                      [min(1.0, b / total) for b in sim.coord_busy], list(sim.coord_dropped),
+                      list(getattr(sim, "coord_trained", [])))
 
 
 # ----------------------------------------------------------------------- schedules
@@ -392,9 +398,11 @@ def _coordinator(sim: _Sim, b: int):
             wakeups[b] = sim.env.event()
             yield wakeups[b]
         queue.popleft()
-        t0 = sim.env.now
+        t0 = sim.coord_started[b] = sim.env.now
         yield from sim.compute(None, train)
         sim.coord_busy[b] += sim.env.now - t0
+        sim.coord_started[b] = None
+        sim.coord_trained[b] += 1
 
 
 def _drain(sim: _Sim, k: int, link: _Link, pending: int, seconds: float, block: bool):
