@@ -287,8 +287,9 @@ def _cores() -> int:
 # ----------------------------------------------------------------------------- links
 
 
-def measure_link(sizes: tuple[int, ...] = (4096, 4 << 20), repeats: int = 20) -> dict:
-    """One-way time of a gloo send between two processes on this machine: latency + bytes / bandwidth."""
+def _gloo_pair(target, *args) -> list:
+    """Run ``target(rank, port, *args, results)`` in two spawned processes that form a gloo group;
+    returns what each put on ``results``."""
     import torch.multiprocessing as mp
 
     with socket.socket() as s:
@@ -296,16 +297,21 @@ def measure_link(sizes: tuple[int, ...] = (4096, 4 << 20), repeats: int = 20) ->
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    procs = [ctx.Process(target=_link_peer, args=(rank, port, sizes, repeats, results)) for rank in (0, 1)]
+    procs = [ctx.Process(target=target, args=(rank, port, *args, results)) for rank in (0, 1)]
     for p in procs:
         p.start()
     try:
-        times = results.get(timeout=120)
+        return [results.get(timeout=120) for _ in procs]
     finally:
         for p in procs:
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
+
+
+def measure_link(sizes: tuple[int, ...] = (4096, 4 << 20), repeats: int = 20) -> dict:
+    """One-way time of a gloo send between two processes on this machine: latency + bytes / bandwidth."""
+    times = next(t for t in _gloo_pair(_link_peer, sizes, repeats) if t is not None)
     (s0, t0), (s1, t1) = (sizes[0], times[0]), (sizes[-1], times[-1])
     bandwidth = (s1 - s0) / max(t1 - t0, 1e-9)
     latency = max(t0 - s0 / bandwidth, 0.0)
@@ -335,8 +341,7 @@ def _link_peer(rank: int, port: int, sizes: tuple[int, ...], repeats: int, resul
             if r >= 2:
                 times.append((time.perf_counter() - t0) / 2)
         out.append(statistics.median(times))
-    if rank == 0:
-        results.put(out)
+    results.put(out if rank == 0 else None)  # rank 0 timed the round trips
     dist.destroy_process_group()
 
 
@@ -391,24 +396,7 @@ def measure_pipeline_overhead(batch: int, microbatches: tuple[int, int] = (2, 8)
     """Seconds torch's GPipe and 1F1B schedules spend per step beyond the model's compute, as
     ``per_step_s + per_microbatch_s * M``: measured with a one-Linear model on two gloo processes,
     so what remains is the schedules' own work (micro-batch bookkeeping, P2P calls, waits)."""
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_pipeline_peer, args=(rank, port, batch, microbatches, steps, results))
-             for rank in (0, 1)]
-    for p in procs:
-        p.start()
-    try:
-        measured = [results.get(timeout=120) for _ in procs]
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
+    measured = _gloo_pair(_pipeline_peer, batch, microbatches, steps)
     out = {}
     m0, m1 = microbatches
     for kind in ("gpipe", "1f1b"):

@@ -305,32 +305,9 @@ def _dgl(sim: _Sim, k: int, fwd, back):
     w, s = sim.w, sim.w.stages[k]
     last = len(w.stages) - 1
     replay = w.mode == "dgl-replay" and k > 0
-    buffer: list[list[int]] = []  # [uses, order] of each entry
-    added = 0
+    buffer: dict = {"entries": [], "added": 0}  # entries: [uses, order]
     step = 0
-    while True:
-        if k == 0:
-            if step == w.steps:
-                break
-        elif not replay:
-            item = yield from fwd[k - 1].recv()
-            if item == END:
-                break
-        else:
-            item = None
-            while (item := fwd[k - 1].poll()) is not None or not _usable(buffer, w.replay_max_reuse):
-                if item is None:  # nothing usable left: wait for something new
-                    item = yield from fwd[k - 1].recv()
-                if item == END:
-                    break
-                if len(buffer) == w.replay_capacity:
-                    buffer.pop(0)
-                buffer.append([0, added])
-                added += 1
-            if item == END:
-                break
-            entry = min((e for e in buffer if e[0] < w.replay_max_reuse), key=lambda e: (e[0], -e[1]))
-            entry[0] += 1
+    while (yield from (_replay_input(sim, k, fwd, buffer) if replay else _next_input(sim, k, fwd, step))):
         sim.mark(k, step)
         yield from sim.compute(k, s.fwd)
         if k < last:
@@ -341,8 +318,31 @@ def _dgl(sim: _Sim, k: int, fwd, back):
     sim.end[k] = sim.env.now
 
 
-def _usable(buffer: list[list[int]], max_reuse: int) -> bool:
-    return any(e[0] < max_reuse for e in buffer)
+def _replay_input(sim: _Sim, k: int, fwd, buffer: dict):
+    """ReplayBuffer's rules: take in everything that has arrived (the oldest goes when full), train on
+    the least-used entry (newest first), wait only when every entry is used up; False at the end."""
+    w, entries = sim.w, buffer["entries"]
+    while (item := fwd[k - 1].poll()) is not None or not any(e[0] < w.replay_max_reuse for e in entries):
+        if item is None:  # nothing usable left: wait for something new
+            item = yield from fwd[k - 1].recv()
+        if item == END:
+            return False
+        if len(entries) == w.replay_capacity:
+            entries.pop(0)
+        entries.append([0, buffer["added"]])
+        buffer["added"] += 1
+    entry = min((e for e in entries if e[0] < w.replay_max_reuse), key=lambda e: (e[0], -e[1]))
+    entry[0] += 1
+    return True
+
+
+def _next_input(sim: _Sim, k: int, fwd, step: int):
+    """Whether stage k has another batch: stage 0 until the run's steps are drawn, later stages
+    until the end marker arrives (waiting for the next message)."""
+    if k == 0:
+        return step < sim.w.steps
+    item = yield from fwd[k - 1].recv()
+    return item != END
 
 
 def _dni(sim: _Sim, k: int, fwd, back):
@@ -353,14 +353,7 @@ def _dni(sim: _Sim, k: int, fwd, back):
     local = w.mode == "dni-local"
     pending = 0
     step = 0
-    while True:
-        if k == 0:
-            if step == w.steps:
-                break
-        else:
-            item = yield from fwd[k - 1].recv()
-            if item == END:
-                break
+    while (yield from _next_input(sim, k, fwd, step)):
         sim.mark(k, step)
         yield from sim.compute(k, s.fwd)
         if k < last:
@@ -423,14 +416,7 @@ def _dfa(sim: _Sim, k: int, fwd, back):
     last = len(w.stages) - 1
     pending = 0
     step = 0
-    while True:
-        if k == 0:
-            if step == w.steps:
-                break
-        else:
-            item = yield from fwd[k - 1].recv()
-            if item == END:
-                break
+    while (yield from _next_input(sim, k, fwd, step)):
         sim.mark(k, step)
         yield from sim.compute(k, s.fwd)
         if k < last:
