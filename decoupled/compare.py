@@ -49,8 +49,7 @@ def compare(config: Config | dict, parent: Path | None = None) -> dict:
     configs = [cfg.with_method(m) for m in methods]  # all validated before the first run starts
     parent = Path(parent) if parent is not None else new_run_dir(cfg.output.dir, cfg.name)
     rounds: list[list[dict]] = []
-    # One placement group for every run: the methods are measured on the same bundles (on GPUs, the
-    # same processes too; on CPU each run gets fresh processes and placement group, see below).
+    # One RayWorkers for every run (on CPU it gives each run fresh processes, see below).
     # Rounds interleave the methods, so a machine that slows down slows them all alike.
     on_ray = any(c.resolved_runtime() == "ray" for c in configs)
     with _ray_workers(cfg) if on_ray else contextlib.nullcontext() as workers:
