@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import decoupled
 from decoupled.config import build_config
@@ -47,6 +48,18 @@ def digits(tmp_path, stages: int, **extra) -> dict:
     return cfg
 
 
+def late_predictor_cosines(run_dir: str, stages: int) -> list[float]:
+    """Each boundary's mean cosine between synthetic and true gradient over the second half of the run."""
+    events = EventAccumulator(run_dir)
+    events.Reload()
+    means = []
+    for k in range(stages - 1):
+        values = [e.value for e in events.Scalars(f"stage{k}/predictor_cosine")]
+        late = values[len(values) // 2:]
+        means.append(sum(late) / len(late))
+    return means
+
+
 def reference_accuracy(tmp_path, stages: int, method: dict) -> float:
     """The in-process runner on the same config: the reference every Ray mode must reach."""
     inproc = {k: v for k, v in method.items() if k not in ("schedule", "microbatches", "replay_buffer")}
@@ -72,13 +85,23 @@ def test_every_mode_trains_digits_like_the_inprocess_runner(ray_cluster, tmp_pat
         if key not in references:
             references[key] = reference_accuracy(tmp_path, stages, method)
         if method["name"] == "dni":
-            # On Ray the predictors learn from gradients that arrive some steps late (the in-flight
-            # bound plus a weights round trip), by a number that varies from run to run on 2 shared
-            # CPUs. Measured, 3-4 runs each against the in-process 0.975 / 0.961 / 0.919:
-            # K=2 cDNI 0.964-0.969, K=2 DNI (local) 0.936-0.947, K=4 cDNI 0.894-0.922.
-            # The in-process runner itself spans 0.953-0.972 (DNI, K=2) and 0.892-0.928 (cDNI, K=4)
-            # over seeds 0-5, so the bound below leaves room for that spread and no more.
-            assert run["test_accuracy"] >= references[key] - 0.035, (label, run["test_accuracy"], references[key])
+            # On Ray the predictors learn from gradients that arrive 2-10 steps late (the in-flight bound
+            # plus a weights round trip), by a number that varies with the load on 2 shared CPUs. Measured
+            # against the in-process 0.975 / 0.961 / 0.919: K=2 cDNI 0.964-0.969, K=2 DNI (local)
+            # 0.936-0.947, K=4 cDNI 0.878-0.922 (the in-process runner itself spans 0.892-0.928 over
+            # seeds 0-5), K=4 DNI (local) 0.864 against 0.875. At K=4, accuracy alone cannot tell working
+            # cDNI from broken: with frozen predictors (only the last stage learns) it still reaches
+            # 0.861-0.889. So there the accuracy bound only says training did not go wrong, and the
+            # predictors' own quality says they learned: an untrained predictor outputs zeros, cosine 0;
+            # cDNI measured 0.24-0.57 over 6 runs. (Without the label a predictor can only learn the
+            # label-averaged gradient: 0.06-0.29 in-process too, too close to 0 to bound.)
+            if stages == 2:
+                assert run["test_accuracy"] >= references[key] - 0.035, (label, run["test_accuracy"], references[key])
+            else:
+                assert run["test_accuracy"] >= references[key] - 0.06, (label, run["test_accuracy"], references[key])
+                if method.get("conditioned"):
+                    cosines = late_predictor_cosines(run["run_dir"], stages)
+                    assert min(cosines) > 0.15, (label, cosines)
             continue
         assert run["test_accuracy"] >= references[key] - 0.02, (label, run["test_accuracy"], references[key])
         assert all(0.0 <= s["compute_fraction"] <= 1.0 for s in run["stage_stats"])
