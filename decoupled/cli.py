@@ -1,4 +1,5 @@
-"""Command line: ``decoupled train | compare | split | plan --config FILE [key=value ...]``."""
+"""Command line: ``decoupled train | compare | split | plan --config FILE [key=value ...]`` and
+``decoupled dashboard RUN_DIR``."""
 
 from __future__ import annotations
 
@@ -35,6 +36,18 @@ def _parser() -> argparse.ArgumentParser:
         if name == "plan":
             _plan_arguments(p)
         p.add_argument("overrides", nargs="*", metavar="key=value", help="override config fields, e.g. train.epochs=3")
+    text = ("start TensorBoard for a run or a comparison, laid out to put each decoupled method's throughput and "
+            "accuracy beside the E2EBP baselines, with every stage's idle and waiting time")
+    p = sub.add_parser("dashboard", help=text, description=text)
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run's directory, a comparison's, or a folder of them")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default loopback; 0.0.0.0 inside a container)")
+    p.add_argument("--port", type=int, default=6006, help="port (default 6006; 0: any free port)")
+    p.add_argument("--refresh-s", type=float, default=15.0, metavar="S",
+                   help="seconds between updates of the comparison charts while runs are still going")
+    p.add_argument("--write-only", action="store_true",
+                   help="write the layout and comparison charts into RUN_DIR/dashboard and exit, for a "
+                   "TensorBoard you start yourself")
     return parser
 
 
@@ -138,9 +151,33 @@ def _plan(args, cfg) -> None:
         plot_plan(result, args.plot)
 
 
+def _dashboard(args) -> int:
+    from .dashboard import DashboardWriter, serve
+
+    if args.write_only:
+        board = DashboardWriter(args.run_dir)
+        points = board.update()
+        board.close()
+        print(f"wrote the layout and {points} points to {board.root / 'dashboard'}; "
+              f"tensorboard --logdir {board.root}")
+        return 0
+    if args.refresh_s <= 0:
+        raise ConfigError(f"--refresh-s: expected a positive number of seconds, got {args.refresh_s}")
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port: expected 0..65535, got {args.port}")
+    try:
+        serve(args.run_dir, args.host, args.port, args.refresh_s,
+              ready=lambda url: print(f"TensorBoard at {url} (Ctrl-C stops it)", flush=True))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "dashboard":
+            return _dashboard(args)
         if args.command == "train" and args.resume:
             if args.config or args.overrides:
                 raise ConfigError("--resume: continues a run with the config it started with; "

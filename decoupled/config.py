@@ -400,6 +400,15 @@ class Config(_Strict):
             return self.runtime
         return "ray" if self.split.stages > 1 else "inprocess"
 
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> "Config":
+        """Load and validate a YAML config (the same as ``--config path key=value ...``)."""
+        return load_config(path, overrides)
+
+    def override(self, *overrides: str) -> "Config":
+        """A validated copy with command-line style overrides, e.g. ``cfg.override("train.epochs=3")``."""
+        return build_config(self.model_dump(mode="json"), list(overrides))
+
     def with_method(self, method: Any) -> "Config":
         """A copy of this config that runs ``method`` (used by ``compare``)."""
         data = self.model_dump(mode="json")
