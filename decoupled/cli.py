@@ -1,5 +1,5 @@
-"""Command line: ``decoupled train | compare | split | plan --config FILE [key=value ...]`` and
-``decoupled dashboard RUN_DIR``."""
+"""Command line: ``decoupled train | compare | split | plan | sequence | sequence-compare --config FILE
+[key=value ...]`` and ``decoupled dashboard RUN_DIR``."""
 
 from __future__ import annotations
 
@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--write-only", action="store_true",
                    help="write the layout and comparison charts into RUN_DIR/dashboard and exit, for a "
                    "TensorBoard you start yourself")
+    from .recurrent.cli import add_parsers as add_sequence_parsers
+
+    add_sequence_parsers(sub)  # recurrent networks: truncated BPTT with and without synthetic gradients
     return parser
 
 
@@ -178,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "dashboard":
             return _dashboard(args)
+        if args.command in ("sequence", "sequence-compare"):
+            from .recurrent.cli import run as run_sequence
+
+            return run_sequence(args)
         if args.command == "train" and args.resume:
             if args.config or args.overrides:
                 raise ConfigError("--resume: continues a run with the config it started with; "
