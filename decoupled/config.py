@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 import yaml
 from pydantic import (
@@ -494,23 +494,35 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
-def build_config(raw: dict, overrides: list[str] | None = None) -> Config:
-    """Validate a dict (plus ``key=value`` overrides) into a Config, or raise ConfigError naming the field."""
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def validate(model: type[ModelT], raw: dict, overrides: list[str] | None = None) -> ModelT:
+    """Validate a dict (plus ``key=value`` overrides) into ``model``, or raise ConfigError naming the field."""
     if not isinstance(raw, dict):
         raise ConfigError("config: top level must be a mapping")
     raw = _merge(raw, parse_overrides(overrides or []))
     try:
-        return Config.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, raw)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+def read_yaml(path: str | Path) -> dict:
+    """A config file's mapping, or ConfigError naming ``--config``."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config: file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"--config: {path} is not valid YAML: {err}") from None
-    return build_config(raw or {}, overrides)
+
+
+def build_config(raw: dict, overrides: list[str] | None = None) -> Config:
+    """Validate a dict (plus ``key=value`` overrides) into a Config, or raise ConfigError naming the field."""
+    return validate(Config, raw, overrides)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    return build_config(read_yaml(path), overrides)

@@ -41,6 +41,15 @@ def _cmdline(pid: int) -> str:
         return "?"
 
 
+def assert_all_exit(pids: set[int], what: str, wait_s: float = 20) -> None:
+    """Wait up to ``wait_s`` for ``pids`` to end; fail naming any still running."""
+    deadline = time.time() + wait_s
+    while time.time() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.2)
+    left = {p: _cmdline(p) for p in pids if _alive(p)}
+    assert not left, f"processes left after {what}: {left}"
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """An embedded Ray with 2 CPUs on loopback; at the end, every process it started must be gone."""
@@ -52,8 +61,4 @@ def ray_cluster():
     yield ray
     started = {p for p in _descendants(os.getpid()) if "ray" in _cmdline(p)}  # Ray's processes, not other tests'
     ray.shutdown()
-    deadline = time.time() + 20
-    while time.time() < deadline and any(_alive(p) for p in started):
-        time.sleep(0.2)
-    left = {p: _cmdline(p) for p in started if _alive(p)}
-    assert not left, f"processes left after ray.shutdown(): {left}"
+    assert_all_exit(started, "ray.shutdown()")

@@ -13,7 +13,7 @@ import time
 import pytest
 import yaml
 
-from conftest import _alive, _cmdline, _descendants
+from conftest import _cmdline, _descendants, assert_all_exit
 
 
 def free_port() -> int:
@@ -43,11 +43,7 @@ def three_nodes(tmp_path):
     finally:
         started = {p for p in _descendants(os.getpid()) - before if "ray" in _cmdline(p)}
         cluster.shutdown()
-        deadline = time.time() + 30
-        while time.time() < deadline and any(_alive(p) for p in started):
-            time.sleep(0.2)
-        left = {p: _cmdline(p) for p in started if _alive(p)}
-        assert not left, f"processes left after the cluster's shutdown: {left}"
+        assert_all_exit(started, "the cluster's shutdown", wait_s=30)
 
 
 def test_a_job_submitted_to_a_three_node_cluster_runs_one_stage_per_node(three_nodes, tmp_path):

@@ -9,10 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-import yaml
-from pydantic import Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
-from ..config import NAME_PATTERN, ConfigError, _format_errors, _merge, _Strict, parse_overrides
+from ..config import NAME_PATTERN, _Strict, read_yaml, validate
 
 # --------------------------------------------------------------------------- tasks
 
@@ -174,24 +173,11 @@ class SequenceConfig(_Strict):
 
 def build_sequence_config(raw: dict, overrides: list[str] | None = None) -> SequenceConfig:
     """Validate a dict (plus ``key=value`` overrides) into a SequenceConfig, or raise ConfigError naming the field."""
-    if not isinstance(raw, dict):
-        raise ConfigError("config: top level must be a mapping")
-    raw = _merge(raw, parse_overrides(overrides or []))
-    try:
-        return SequenceConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(_format_errors(err, raw)) from None
+    return validate(SequenceConfig, raw, overrides)
 
 
 def load_sequence_config(path: str | Path, overrides: list[str] | None = None) -> SequenceConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--config: file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--config: {path} is not valid YAML: {err}") from None
-    return build_sequence_config(raw or {}, overrides)
+    return build_sequence_config(read_yaml(path), overrides)
 
 
 def as_sequence_config(config: SequenceConfig | dict) -> SequenceConfig:
