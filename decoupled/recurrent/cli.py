@@ -1,7 +1,6 @@
 """``decoupled sequence`` (one recurrent run) and ``decoupled sequence-compare`` (T x method grid).
 
-``add_parsers(subparsers)`` adds both to the main command line; ``run(args)`` runs one. Until they are
-hooked in, ``python -m decoupled.recurrent.cli sequence --config FILE`` works the same way.
+``add_parsers(subparsers)`` adds both to the main command line (decoupled/cli.py); ``run(args)`` runs one.
 """
 
 from __future__ import annotations
