@@ -97,6 +97,7 @@ class DashboardWriter:
     """Writes the layout once, then mirrors new points of every run on each ``update``."""
 
     def __init__(self, root: Path) -> None:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
         from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when used
 
         self.root = Path(root)
@@ -108,15 +109,15 @@ class DashboardWriter:
         self.layout_writer.add_custom_scalars(self.layout)
         self.layout_writer.flush()
         self.writers = {run.name: SummaryWriter(log_dir=str(self.root / DASHBOARD_RUN / run.name)) for run in self.runs}
+        # one reader per run: each Reload() reads only what was appended since the last one
+        self.readers = {run.name: EventAccumulator(str(run.path), size_guidance={"scalars": 0}) for run in self.runs}
         self.last_step: dict[str, int] = {}
 
     def update(self) -> int:
         """Mirror the points logged since the last update; returns how many."""
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
         written = 0
         for run in self.runs:
-            events = EventAccumulator(str(run.path), size_guidance={"scalars": 0})
+            events = self.readers[run.name]
             events.Reload()
             tags = set(events.Tags()["scalars"])
             for source, prefix in MIRRORED.items():
