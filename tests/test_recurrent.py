@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -285,8 +286,6 @@ def test_bad_configs_are_refused_naming_the_field(overrides, message):
 
 
 def test_shipped_configs_are_valid():
-    from pathlib import Path
-
     from decoupled.recurrent.config import load_sequence_config
 
     paths = sorted(Path(__file__).parent.parent.glob("configs/recurrent/*.yaml"))
@@ -332,8 +331,30 @@ def test_compare_grid_writes_table_and_plot(tmp_path):
     result = compare(cfg, [1, 2], ["tbptt", "dni+aux"], parent=tmp_path / "grid")
     assert [(r["method"], r["truncation"]) for r in result["runs"]] == [
         ("tbptt", 1), ("dni+aux", 1), ("tbptt", 2), ("dni+aux", 2)]
-    assert "| method | T = 1 | T = 2 |" in (tmp_path / "grid" / "comparison.md").read_text()
+    md = (tmp_path / "grid" / "comparison.md").read_text()
+    assert "| method | T = 1 | T = 2 |" in md
+    final = {(r["method"], r["truncation"]): r["final_eval_bits_per_step"] for r in result["runs"]}
+    assert f"| tbptt | {final['tbptt', 1]:.2f} (1) | {final['tbptt', 2]:.2f} (1) |" in md  # loss at the last length
     assert (tmp_path / "grid" / "comparison.png").stat().st_size > 0
     assert json.loads((tmp_path / "grid" / "comparison.json").read_text())["methods"] == ["tbptt", "dni+aux"]
     with pytest.raises(ConfigError, match="--methods: unknown method 'bptt'"):
         compare(cfg, [2], ["bptt"], parent=tmp_path / "bad")
+
+
+def test_compare_in_parallel_processes_gives_the_serial_results(tmp_path):
+    from decoupled.recurrent.compare import compare
+
+    cfg = {"name": "par", "task": {"name": "copy", "bits": 2, "curriculum": {"max_length": 3, "window": 2}},
+           "model": {"name": "gru", "hidden": 4},
+           "train": {"steps": 6, "batch_size": 4, "eval_every": 3, "progress": False, "threads": 1},
+           "output": {"dir": str(tmp_path), "tensorboard": False}}
+    serial = compare(cfg, [1, 2], ["tbptt", "dni"], parent=tmp_path / "serial")
+    parallel = compare(cfg, [1, 2], ["tbptt", "dni"], parent=tmp_path / "parallel", jobs=2)
+
+    def figures(result):  # everything but where and how fast each run went
+        return [(r["method"], r["truncation"], r["eval_history"], r["last_train_metrics"]) for r in result["runs"]]
+
+    assert figures(parallel) == figures(serial)
+    assert all(Path(r["run_dir"]).parent == tmp_path / "parallel" for r in parallel["runs"])
+    with pytest.raises(ConfigError, match="--jobs"):
+        compare(cfg, [2], ["tbptt"], parent=tmp_path / "bad", jobs=0)

@@ -32,6 +32,8 @@ def add_parsers(subparsers) -> None:
             p.add_argument("--methods", default=",".join(METHODS), metavar="M,M,...",
                            help=f"some of {', '.join(METHODS)} (default: all)")
             p.add_argument("--seeds", metavar="S,S,...", help="seeds, each a full grid (default: train.seed)")
+            p.add_argument("--jobs", type=int, default=1, metavar="N",
+                           help="runs at once, each in its own process with train.threads threads (default 1)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="override config fields, e.g. truncation=5")
 
 
@@ -64,7 +66,7 @@ def run(args) -> int:
                 raise ConfigError(f"--truncations: every T must be >= 1, got {args.truncations!r}")
             methods = [m.strip() for m in args.methods.split(",") if m.strip()]
             seeds = _ints("--seeds", args.seeds) if args.seeds else None
-            result = compare(cfg, truncations, methods, seeds)
+            result = compare(cfg, truncations, methods, seeds, jobs=args.jobs)
             print(result["table"], end="")
             print(f"results: {result['parent']}/comparison.json")
     except ConfigError as err:

@@ -50,9 +50,16 @@ def compare(
     methods: tuple[str, ...] | list[str] = METHODS,
     seeds: list[int] | None = None,
     parent: Path | None = None,
+    jobs: int = 1,
 ) -> dict:
-    """Every (T, method, seed) of the grid, interleaved so that a machine slowing down slows all methods alike."""
+    """Every (T, method, seed) of the grid, interleaved so that a machine slowing down slows all methods alike.
+
+    ``jobs`` > 1 runs that many cells at once, each in its own process (the runs are independent; each
+    uses ``train.threads`` threads, so ``jobs * threads`` should not exceed the cores).
+    """
     cfg = as_sequence_config(config)
+    if jobs < 1:
+        raise ConfigError(f"--jobs: must be >= 1, got {jobs}")
     seeds = list(seeds) if seeds else [cfg.train.seed]
     if not truncations or not methods:
         raise ConfigError("--truncations/--methods: the grid is empty")
@@ -66,15 +73,9 @@ def compare(
                 grid.append((key, t, seed, build_sequence_config(data)))  # all validated before the first run
     parent = Path(parent) if parent is not None else new_run_dir(cfg.output.dir, f"{cfg.name}-compare")
     parent.mkdir(parents=True, exist_ok=True)
-    runs = []
-    for key, t, seed, run_cfg in grid:
-        run_dir = parent / f"{key.replace('+', '_')}-T{t}" / (f"seed-{seed}" if len(seeds) > 1 else "")
-        summary = run(run_cfg, run_dir)
-        runs.append(summary)
-        if cfg.train.progress:
-            key_name = metric_of(cfg.task.name)[0]
-            print(f"== {key} T={t} seed {seed}: {key_name} {summary[key_name]}, {summary['steps']} steps, "
-                  f"{summary['wall_seconds']:.0f} s", file=sys.stderr, flush=True)
+    cells = [(run_cfg, parent / f"{key.replace('+', '_')}-T{t}" / (f"seed-{seed}" if len(seeds) > 1 else ""))
+             for key, t, seed, run_cfg in grid]
+    runs = _run_cells(cells, jobs, cfg.train.progress, metric_of(cfg.task.name)[0])
     result = {"name": cfg.name, "task": cfg.task.name, "parent": str(parent), "truncations": list(truncations),
               "methods": list(methods), "seeds": seeds, "steps_budget": cfg.train.steps, "runs": runs}
     result["table"] = comparison_table(result, cfg)
@@ -82,6 +83,34 @@ def compare(
     write_json_atomic(parent / "comparison.json", result)
     (parent / "comparison.md").write_text(f"# {cfg.name}: truncated BPTT vs synthetic gradients\n\n{result['table']}")
     return result
+
+
+def _run_cells(cells: list[tuple[SequenceConfig, Path]], jobs: int, progress: bool, key_name: str) -> list[dict]:
+    """Each cell's summary, in grid order; ``jobs`` > 1: in a pool of fresh (spawned) processes."""
+
+    def report(summary: dict) -> None:
+        if progress:
+            print(f"== {summary['method']} T={summary['truncation']} seed {summary['seed']}: {key_name} "
+                  f"{summary[key_name]}, {summary['steps']} steps, {summary['wall_seconds']:.0f} s",
+                  file=sys.stderr, flush=True)
+
+    if jobs == 1 or len(cells) == 1:
+        runs = []
+        for run_cfg, run_dir in cells:
+            runs.append(run(run_cfg, run_dir))
+            report(runs[-1])
+        return runs
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    # spawn: a forked child would inherit this process's torch thread pools and locks
+    with ProcessPoolExecutor(min(jobs, len(cells)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(run, run_cfg, run_dir): i for i, (run_cfg, run_dir) in enumerate(cells)}
+        runs: list[dict | None] = [None] * len(cells)
+        for future in as_completed(futures):
+            runs[futures[future]] = future.result()  # a failed cell raises here, naming its step
+            report(runs[futures[future]])
+    return runs
 
 
 def _cell(result: dict, key: str, t: int) -> list[float]:
@@ -107,6 +136,17 @@ def comparison_table(result: dict, cfg: SequenceConfig) -> str:
             cells.append(text)
         lines.append("| " + " | ".join(cells) + " |")
     if result["task"] != "text":
+        # progress the length alone hides: two runs stuck at the same length may be far apart in loss
+        lines += ["", "evaluation bits per output step at the run's last length (that length in brackets; "
+                  "comparable between cells at the same length)", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for key in result["methods"]:
+            cells = [key]
+            for t in result["truncations"]:
+                runs = [r for r in result["runs"] if r["method"] == key and r["truncation"] == t]
+                cells.append(", ".join(f"{r['final_eval_bits_per_step']:.2f} ({r['curriculum']['length']})"
+                                       for r in runs))
+            lines.append("| " + " | ".join(cells) + " |")
         lines += ["", f"Curriculum: lengths {cfg.task.curriculum.start_length}..{cfg.task.curriculum.max_length}, "
                   f"advance below {cfg.task.curriculum.threshold} bits per output step over "
                   f"{cfg.task.curriculum.window} batches; a run that passes the last length stops early."]
