@@ -4,19 +4,26 @@ the bootstrapped target, the predictor learning, the copy tasks, the config chec
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import _alive, _descendants, assert_all_exit
 
 from decoupled.config import ConfigError
 from decoupled.recurrent.cli import add_parsers, run as cli_run
 from decoupled.recurrent.config import CopyTask, Curriculum, RepeatCopyTask, build_sequence_config
 from decoupled.recurrent.model import RecurrentModel, SyntheticGradientPredictor
 from decoupled.recurrent.tasks import CopyTaskGenerator, CurriculumState, Episode, RepeatCopyTaskGenerator, bits_loss
-from decoupled.recurrent.tbptt import SequenceTrainer, segments
+from decoupled.recurrent.tbptt import SequenceTrainer, segments, true_future_gradients
 
 
 @pytest.fixture(autouse=True)
@@ -138,6 +145,35 @@ def test_model_state_round_trip_and_zero_predictor():
     for kind in ("linear", "mlp"):
         pred = SyntheticGradientPredictor(24, 4, kind, 8)
         assert torch.equal(pred(end, x[:, 0]), torch.zeros(2, 24))  # untrained: sends no gradient
+
+
+def test_true_future_gradients_are_full_bptt_boundary_gradients():
+    model, episode = _problem("gru", 1)
+    _, reference = _full_bptt(model, episode, 3)
+    found = true_future_gradients(model, episode, 3, bits_loss)
+    assert len(found) == len(reference) == 3
+    for k, ((end, next_input, grad), ref) in enumerate(zip(found, reference)):
+        assert torch.allclose(grad, ref, rtol=1e-9, atol=1e-12)
+        assert torch.equal(next_input, episode.x[:, 3 * (k + 1)]) and not end.requires_grad
+    assert all(p.grad is None for p in model.parameters())  # a check, not a training step
+
+
+def test_oracle_check_scores_the_sent_gradients_against_the_true_ones():
+    cfg = build_sequence_config({"task": {"name": "copy", "bits": 3}, "model": {"name": "gru", "hidden": 8},
+                                 "method": {"name": "dni"}, "truncation": 2})
+    torch.manual_seed(0)
+    task = CopyTaskGenerator(cfg.task)
+    trainer = SequenceTrainer(cfg, RecurrentModel("gru", task.input_size, 8, 1, task.output_size), task)
+    episode = task.batch(8, 3, torch.Generator().manual_seed(0))
+    silent = trainer.oracle_check(episode)  # an untrained predictor sends zeros
+    assert silent["oracle_relative_mse"] == pytest.approx(1.0) and silent["oracle_cosine"] == 0.0
+    truth = [g for _, _, g in true_future_gradients(trainer.model, episode, 2, task.loss)]
+    trainer.synthetic = lambda k, end, next_input: truth[k]
+    exact = trainer.oracle_check(episode)
+    assert exact["oracle_relative_mse"] < 1e-10 and exact["oracle_cosine"] == pytest.approx(1.0)
+    trainer.synthetic = lambda k, end, next_input: 2 * truth[k]  # right direction, twice too long
+    double = trainer.oracle_check(episode)
+    assert double["oracle_relative_mse"] == pytest.approx(1.0) and double["oracle_cosine"] == pytest.approx(1.0)
 
 
 # ---------------------------------------------------------------- the predictor learns
@@ -311,11 +347,13 @@ def test_sequence_run_through_the_cli_writes_its_summary(tmp_path, capsys):
         "train": {"steps": 4, "batch_size": 4, "eval_every": 2, "log_every": 2, "progress": False},
         "output": {"dir": str(tmp_path / "runs")},
     }))
-    assert cli_run(_parse(["sequence", "--config", str(path), "method.aux_future_gradient=true"])) == 0
+    assert cli_run(_parse(["sequence", "--config", str(path), "method.aux_future_gradient=true",
+                           "train.oracle_every=2"])) == 0
     printed = json.loads(capsys.readouterr().out)
     summary = json.loads((tmp_path / "runs" / "cli" / "summary.json").read_text())
     assert printed["run_dir"] == summary["run_dir"] and summary["method"] == "dni+aux" and summary["steps"] == 4
     assert summary["curriculum"]["length"] == 2 and len(summary["eval_history"]) == 2
+    assert set(summary["last_oracle_check"]) == {"oracle_relative_mse", "oracle_cosine"}
     assert list((tmp_path / "runs" / "cli" / "tensorboard").glob("events.out.tfevents.*"))
     assert cli_run(_parse(["sequence", "--config", str(path), "truncation=0"])) == 2
     assert "truncation" in capsys.readouterr().err
@@ -358,3 +396,35 @@ def test_compare_in_parallel_processes_gives_the_serial_results(tmp_path):
     assert all(Path(r["run_dir"]).parent == tmp_path / "parallel" for r in parallel["runs"])
     with pytest.raises(ConfigError, match="--jobs"):
         compare(cfg, [2], ["tbptt"], parent=tmp_path / "bad", jobs=0)
+
+
+def test_terminating_a_parallel_compare_ends_its_workers(tmp_path):
+    """TERM to the command alone (as a scheduler sends it) must not leave its worker processes training on."""
+
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "long", "task": {"name": "copy", "bits": 2, "curriculum": {"max_length": 64}},
+        "model": {"name": "gru", "hidden": 4}, "train": {"steps": 10**6, "batch_size": 2, "progress": False},
+        "output": {"dir": str(tmp_path / "runs"), "tensorboard": False},
+    }))
+    proc = subprocess.Popen([sys.executable, "-m", "decoupled", "sequence-compare", "--config", str(path),
+                             "--truncations", "1,2", "--methods", "tbptt", "--jobs", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: set[int] = set()
+    try:
+        deadline = time.time() + 120
+        while len(workers := _descendants(proc.pid)) < 2 and time.time() < deadline:  # the pool (and its tracker)
+            time.sleep(0.2)
+        assert len(workers) >= 2, "the worker processes did not start"
+        time.sleep(1.0)
+        proc.terminate()
+        assert proc.wait(timeout=60) != 0
+        assert_all_exit(workers, "TERM to sequence-compare --jobs 2")
+    finally:  # on a failure, end what this test started
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in workers:
+            if _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)

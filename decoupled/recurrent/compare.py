@@ -101,16 +101,29 @@ def _run_cells(cells: list[tuple[SequenceConfig, Path]], jobs: int, progress: bo
             report(runs[-1])
         return runs
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    import signal
+    import threading
 
-    # spawn: a forked child would inherit this process's torch thread pools and locks
-    with ProcessPoolExecutor(min(jobs, len(cells)), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(run, run_cfg, run_dir): i for i, (run_cfg, run_dir) in enumerate(cells)}
-        runs: list[dict | None] = [None] * len(cells)
-        for future in as_completed(futures):
-            runs[futures[future]] = future.result()  # a failed cell raises here, naming its step
-            report(runs[futures[future]])
+    runs: list[dict | None] = [None] * len(cells)
+    # spawn: a forked child would inherit this process's torch thread pools and locks. A TERM sent to
+    # this process alone must not leave the workers training on: it exits through the pool, which ends them.
+    main = threading.current_thread() is threading.main_thread()  # only there can a handler be set
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143)) if main else None
+    try:
+        with multiprocessing.get_context("spawn").Pool(min(jobs, len(cells))) as pool:  # leaving it ends the workers
+            jobs_in = [(i, run_cfg, run_dir) for i, (run_cfg, run_dir) in enumerate(cells)]
+            for i, summary in pool.imap_unordered(_run_cell, jobs_in):  # a failed cell raises here
+                runs[i] = summary
+                report(summary)
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
     return runs
+
+
+def _run_cell(job: tuple[int, SequenceConfig, Path]) -> tuple[int, dict]:
+    i, run_cfg, run_dir = job
+    return i, run(run_cfg, run_dir)
 
 
 def _cell(result: dict, key: str, t: int) -> list[float]:

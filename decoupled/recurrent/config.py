@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
 from ..config import NAME_PATTERN, _Strict, read_yaml, validate
 
@@ -141,6 +141,8 @@ class RecurrentTrain(_Strict):
     eval_every: PositiveInt = 200
     eval_batches: PositiveInt = 4
     log_every: PositiveInt = 20
+    oracle_every: NonNegativeInt = Field(0, description="dni: every this many batches, compare the synthetic "
+                                         "gradients with the true ones (full BPTT of that batch); 0: never")
     seed: int = 0
     threads: PositiveInt | None = Field(1, description="torch.set_num_threads; null: torch's choice")
     progress: bool = True

@@ -112,6 +112,35 @@ def segments(
         state = end
 
 
+def true_future_gradients(
+    model: RecurrentModel,
+    episode: Episode,
+    truncation: int,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per segment boundary k: (s_k, the next input, dL/ds_k of every later step's loss), by full BPTT.
+
+    What a perfect predictor would send at each boundary, for the current parameters: the reference
+    the synthetic gradients are checked against (``train.oracle_every``). Leaves ``.grad`` untouched.
+    """
+    x, y, mask = episode.x, episode.y, episode.mask
+    steps = x.shape[1]
+    state = model.initial_state(x.shape[0])
+    total, ends = 0.0, []
+    with torch.enable_grad():
+        for t0 in range(0, steps, truncation):
+            t1 = min(t0 + truncation, steps)
+            logits, _, state = model(x[:, t0:t1], state)
+            total = total + loss_fn(logits, y[:, t0:t1], mask[:, t0:t1])
+            if t1 < steps:
+                ends.append((state, x[:, t1]))
+        if not ends:
+            return []
+        # an intermediate state's gradient is that of the losses after it only: the future's gradient
+        grads = torch.autograd.grad(total, [s for s, _ in ends], allow_unused=True)
+    return [(s.detach(), nxt, g if g is not None else torch.zeros_like(s)) for (s, nxt), g in zip(ends, grads)]
+
+
 class SequenceTrainer:
     """The core (and aux head) with its optimizer; for ``dni`` the predictor with its own."""
 
@@ -155,6 +184,27 @@ class SequenceTrainer:
         cosine = F.cosine_similarity(prev.synthetic.flatten(1), target.flatten(1), dim=1, eps=1e-30)[nonzero]
         return {"mse": float(loss.detach()), "silent": float(goal.pow(2).mean()),
                 "cosine_sum": float(cosine.sum()), "cosine_n": float(nonzero.sum())}
+
+    def oracle_check(self, episode: Episode) -> dict[str, float]:
+        """How close the synthetic gradients this predictor would send are to the true ones (full BPTT).
+
+        ``oracle_cosine``: mean cosine per sequence where the true gradient is not zero;
+        ``oracle_relative_mse``: squared error over the true gradient's square (1 = no better than silence).
+        """
+        err = ref = cos_sum = 0.0
+        n = 0
+        for k, (end, next_input, true) in enumerate(true_future_gradients(self.model, episode, self.cfg.truncation,
+                                                                          self.task.loss)):
+            sent = self.synthetic(k, end, next_input)
+            err += float((sent - true).pow(2).sum())
+            ref += float(true.pow(2).sum())
+            nonzero = true.flatten(1).norm(dim=1) > 0
+            cos_sum += float(F.cosine_similarity(sent.flatten(1), true.flatten(1), dim=1, eps=1e-30)[nonzero].sum())
+            n += int(nonzero.sum())
+        out = {"oracle_relative_mse": err / ref} if ref > 0 else {}
+        if n:
+            out["oracle_cosine"] = cos_sum / n
+        return out
 
     def train_episode(self, episode: Episode) -> dict[str, float]:
         """One episode, one core update per segment; returns its loss (bits per scored step) and predictor stats."""
@@ -229,6 +279,7 @@ def run(config: SequenceConfig | dict, run_dir: Path | None = None) -> dict:
     logger = MetricsLogger(run_dir / "tensorboard", cfg.output.tensorboard)
     label = method_label(cfg)
     evals: list[tuple[int, float]] = []
+    last_oracle: dict[str, float] = {}
     window: list[dict[str, float]] = []
     last_logged: dict[str, float] = {}
     t_start = time.perf_counter()
@@ -236,7 +287,12 @@ def run(config: SequenceConfig | dict, run_dir: Path | None = None) -> dict:
     try:
         for step in range(1, tr.steps + 1):
             length = None if text else curriculum.length
-            metrics = trainer.train_episode(task.batch(tr.batch_size, length, data_gen))
+            episode = task.batch(tr.batch_size, length, data_gen)
+            oracle = trainer.dni and tr.oracle_every and step % tr.oracle_every == 0
+            if oracle:  # before the episode's updates: the gradients its first segment would be sent
+                last_oracle = trainer.oracle_check(episode)
+                logger.scalars(step, {f"oracle/{k}": v for k, v in last_oracle.items()})
+            metrics = trainer.train_episode(episode)
             if not math.isfinite(metrics["loss_bits"]):
                 raise FloatingPointError(f"step {step}: the training loss is {metrics['loss_bits']}")
             if curriculum is not None:
@@ -274,6 +330,7 @@ def run(config: SequenceConfig | dict, run_dir: Path | None = None) -> dict:
         "name": cfg.name, "task": cfg.task.name, "method": label, "truncation": cfg.truncation,
         "model": cfg.model.name, "hidden": cfg.model.hidden, "seed": tr.seed, "steps": step,
         "wall_seconds": time.perf_counter() - t_start, "eval_history": evals, "last_train_metrics": last_logged,
+        "last_oracle_check": last_oracle,
         "run_dir": str(run_dir),
     }
     if text:
