@@ -158,6 +158,22 @@ def tiny_profile():
     return cfg, measure_profile(cfg, dataset, list(cfg.compare.methods), repeats=2, link=False, contention=False)
 
 
+def test_contention_probe_alternates_alone_and_together_and_ends_its_processes():
+    import os
+
+    from conftest import _cmdline, _descendants
+
+    from decoupled.plan.profile import measure_contention
+
+    cfg, dataset = prepare(build_config(_tiny_config()))
+    before = _descendants(os.getpid())
+    factor = measure_contention(cfg, dataset, 2, rounds=2, phase_s=0.05)
+    assert set(factor) == {"1", "2"} and factor["1"] == 1.0
+    assert 0.3 < factor["2"] < 5.0  # a ratio of two step times on this machine, not a placeholder
+    left = {p for p in _descendants(os.getpid()) - before if "resource_tracker" not in _cmdline(p)}
+    assert left == set()  # both probe processes joined (multiprocessing's tracker lives as long as we do)
+
+
 def test_profile_times_every_block_size_and_rule(tiny_profile):
     cfg, profile = tiny_profile
     assert profile["sizes"] == [32, 16, 8]  # the batch, and the micro-batches of 1f1b (M=2) and gpipe (M=4)

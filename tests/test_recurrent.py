@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import _alive, _descendants, assert_all_exit
 
 from decoupled.config import ConfigError
 from decoupled.recurrent.cli import add_parsers, run as cli_run
@@ -24,6 +23,8 @@ from decoupled.recurrent.config import CopyTask, Curriculum, RepeatCopyTask, bui
 from decoupled.recurrent.model import RecurrentModel, SyntheticGradientPredictor
 from decoupled.recurrent.tasks import CopyTaskGenerator, CurriculumState, Episode, RepeatCopyTaskGenerator, bits_loss
 from decoupled.recurrent.tbptt import SequenceTrainer, segments, true_future_gradients
+
+from conftest import _alive, _descendants, assert_all_exit
 
 
 @pytest.fixture(autouse=True)

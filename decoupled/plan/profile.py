@@ -345,35 +345,37 @@ def _link_peer(rank: int, port: int, sizes: tuple[int, ...], repeats: int, resul
     dist.destroy_process_group()
 
 
-def measure_contention(cfg: Config, dataset: Dataset, workers: int, seconds: float = 5.0) -> dict[str, float]:
+def measure_contention(cfg: Config, dataset: Dataset, workers: int, rounds: int = 4,
+                       phase_s: float = 1.5) -> dict[str, float]:
     """How much slower a training step runs when ``workers`` processes train at once than alone.
 
+    One process times its steps alone (the others wait), then with all of them training, ``rounds``
+    times over; the factor is the median of the rounds' ratios. Alternating keeps a host whose speed
+    drifts from passing its drift off as contention (one long phase of each once measured 0.93x).
     Returns {"1": 1.0, str(workers): factor}; the simulation interpolates between them.
     """
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     args = (cfg.model.model_dump(mode="json"), tuple(dataset.input_shape), dataset.num_classes,
-            cfg.train.batch_size, cfg.train.threads or 1, seconds)
-    times = {}
-    for n in (1, workers):
-        barrier, results = ctx.Barrier(n), ctx.Queue()
-        procs = [ctx.Process(target=_contention_worker, args=(*args, barrier, results)) for _ in range(n)]
+            cfg.train.batch_size, cfg.train.threads or 1, rounds, phase_s)
+    barrier, results = ctx.Barrier(workers), ctx.Queue()
+    procs = [ctx.Process(target=_contention_worker, args=(rank, *args, barrier, results)) for rank in range(workers)]
+    for p in procs:
+        p.start()
+    try:
+        reports = [results.get(timeout=300) for _ in procs]
+    finally:
         for p in procs:
-            p.start()
-        try:
-            per_step = [results.get(timeout=300) for _ in procs]
-        finally:
-            for p in procs:
-                p.join(timeout=30)
-                if p.is_alive():
-                    p.kill()
-        times[n] = statistics.median(per_step)
-    return {"1": 1.0, str(workers): times[workers] / times[1]}
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    alone, together = next(r for r in reports if r is not None)
+    return {"1": 1.0, str(workers): statistics.median(t / a for a, t in zip(alone, together))}
 
 
-def _contention_worker(model: dict, shape: tuple, classes: int, batch: int, threads: int, seconds: float,
-                       barrier, results) -> None:
+def _contention_worker(rank: int, model: dict, shape: tuple, classes: int, batch: int, threads: int, rounds: int,
+                       phase_s: float, barrier, results) -> None:
     from pydantic import TypeAdapter
 
     from ..config import ModelConfig
@@ -382,14 +384,24 @@ def _contention_worker(model: dict, shape: tuple, classes: int, batch: int, thre
     torch.manual_seed(0)
     net = nn.Sequential(*build_blocks(TypeAdapter(ModelConfig).validate_python(model), shape, classes))
     x, y = torch.randn(batch, *shape), torch.randint(0, classes, (batch,))
+
+    def median_step() -> float:
+        steps, t0 = [], time.perf_counter()
+        while time.perf_counter() - t0 < phase_s or len(steps) < 3:
+            t = time.perf_counter()
+            F.cross_entropy(net(x), y).backward()
+            steps.append(time.perf_counter() - t)
+        return statistics.median(steps)
+
     F.cross_entropy(net(x), y).backward()  # warm-up
-    barrier.wait()  # all start together, so the steps overlap
-    steps, t0 = [], time.perf_counter()
-    while time.perf_counter() - t0 < seconds or len(steps) < 3:
-        t = time.perf_counter()
-        F.cross_entropy(net(x), y).backward()
-        steps.append(time.perf_counter() - t)
-    results.put(statistics.median(steps))
+    alone, together = [], []
+    for _ in range(rounds):
+        barrier.wait()
+        if rank == 0:  # the others wait at the next barrier meanwhile
+            alone.append(median_step())
+        barrier.wait()  # all start together, so the steps overlap
+        together.append(median_step())
+    results.put((alone, together) if rank == 0 else None)
 
 
 def measure_pipeline_overhead(batch: int, microbatches: tuple[int, int] = (2, 8), steps: int = 30) -> dict:
