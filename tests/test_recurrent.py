@@ -177,6 +177,28 @@ def test_oracle_check_scores_the_sent_gradients_against_the_true_ones():
     assert double["oracle_relative_mse"] == pytest.approx(1.0) and double["oracle_cosine"] == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("target", ["bootstrap", "full_bptt"])
+def test_predictor_target_is_bootstrapped_or_the_full_bptt_gradient(target):
+    cfg = build_sequence_config({"task": {"name": "copy", "bits": 3}, "model": {"name": "gru", "hidden": 8},
+                                 "method": {"name": "dni", "predictor_target": target}, "truncation": 2})
+    torch.manual_seed(0)
+    task = CopyTaskGenerator(cfg.task)
+    trainer = SequenceTrainer(cfg, RecurrentModel("gru", task.input_size, 8, 1, task.output_size), task)
+    episode = task.batch(8, 3, torch.Generator().manual_seed(0))
+    truth = [g for _, _, g in true_future_gradients(trainer.model, episode, 2, task.loss)]
+    for group in trainer.optimizer.param_groups:  # a fixed core: every target refers to the same parameters
+        group["lr"] = 0.0
+    seen = []
+    trainer.train_predictor = lambda prev, goal: seen.append((prev.index, goal)) or {
+        "mse": 0.0, "silent": 1.0, "cosine_sum": 0.0, "cosine_n": 0.0}
+    trainer.train_episode(episode)
+    assert [k for k, _ in seen] == list(range(len(truth))) and len(truth) >= 2
+    exact = [torch.allclose(goal, truth[k], atol=1e-7) for k, goal in seen]
+    # bootstrapped: a target lacks what crosses the next boundary (the untrained predictor sends zeros there),
+    # except at the last boundary, where nothing follows the last segment
+    assert exact == ([True] * len(truth) if target == "full_bptt" else [False] * (len(truth) - 1) + [True])
+
+
 # ---------------------------------------------------------------- the predictor learns
 
 

@@ -117,6 +117,12 @@ class RecurrentDNIMethod(_Strict):
         "its segment will end with; its loss trains the core too"
     )
     aux_weight: PositiveFloat = 1.0
+    predictor_target: Literal["bootstrap", "full_bptt"] = Field(
+        "bootstrap", description="bootstrap: the method (the next segment's gradient plus its synthetic one); "
+        "full_bptt: a diagnostic upper bound, not a decoupled method - the predictor learns from the true "
+        "future gradient that full BPTT of the episode gives, so a result shows what a predictor could do "
+        "if its targets were exact"
+    )
 
 
 MethodConfig = Annotated[Union[TBPTTMethod, RecurrentDNIMethod], Field(discriminator="name")]

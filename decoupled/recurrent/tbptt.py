@@ -212,11 +212,14 @@ class SequenceTrainer:
         m, aux_total = self.method, 0.0
         dni = {"synthetic": self.synthetic, "sg_scale": m.sg_scale, "bootstrap_discount": m.bootstrap_discount,
                "aux_head": self.aux_head, "aux_weight": m.aux_weight} if self.dni else {}
+        truth = None
+        if self.dni and m.predictor_target == "full_bptt":  # the diagnostic: exact targets, at this episode's start
+            truth = [g for _, _, g in true_future_gradients(self.model, episode, self.cfg.truncation, self.task.loss)]
         for seg in segments(self.model, episode, self.cfg.truncation, self.task.loss, **dni):
             total += float(seg.loss)
             aux_total += float(seg.aux_loss) if seg.aux_loss is not None else 0.0
             if self.dni and prev is not None and prev.synthetic is not None:
-                stats.append(self.train_predictor(prev, seg.target))
+                stats.append(self.train_predictor(prev, seg.target if truth is None else truth[prev.index]))
             if self.cfg.optimizer.clip_norm:
                 nn.utils.clip_grad_norm_(self.params, self.cfg.optimizer.clip_norm)
             self.optimizer.step()
