@@ -108,6 +108,56 @@ def test_dni_coordinator_falls_behind_and_drops_samples_when_training_is_slow():
     assert shared.samples_per_sec < 0.8 * p.samples_per_sec  # on two shared cores it takes the stages' time
 
 
+def test_dni_stages_pay_for_their_weight_requests_and_the_host_for_answering_them():
+    # own devices: stage 0 asks every step (10 ms + 5 ms), or every 5th (10 ms + 1 ms on average)
+    stages = [StageTimes(fwd=0.01, weights_s=0.005, weights_host_s=0.02), StageTimes(fwd=0.005)]
+    every = _run("dni", stages, steps=200, sample_rate=0.01)
+    fifth = _run("dni", stages, steps=200, sample_rate=0.01, push_every=5)
+    assert every.samples_per_sec == pytest.approx(10 / 0.015, rel=0.02)
+    assert fifth.samples_per_sec == pytest.approx(10 / 0.011, rel=0.02)
+    # one shared core: the answers' 20 ms per request take the stages' time too
+    quiet = [StageTimes(fwd=0.01, weights_s=0.005), StageTimes(fwd=0.005)]
+    shared = _run("dni", stages, steps=200, sample_rate=0.01, cores=1)
+    assert shared.samples_per_sec == pytest.approx(10 / (0.015 + 0.005 + 0.02), rel=0.03)
+    assert _run("dni", quiet, steps=200, sample_rate=0.01, cores=1).samples_per_sec == pytest.approx(10 / 0.02, rel=0.03)
+
+
+def test_workload_takes_the_coordinator_costs_measured_through_ray():
+    profile = {"batch_size": 10, "num_classes": 2, "blocks": [
+        {"fwd_s": {"10": 0.01}, "bwd_s": {"10": 0.02}, "bwd_input_s": {"10": 0.03}, "opt_s": 0.001,
+         "output_bytes": 4} for _ in range(2)],
+        "boundaries": [{"methods": {"dni": {"predict_s": 0.002, "train_s": 0.004, "submit_s": 0.0001}}}]}
+    cfg = build_config(_tiny_config())
+    dni = build_config(_tiny_config(method={"name": "dni", "predictor_push_every": 3})).method
+    bare = workload(profile, dni, [1], cfg, steps=8)
+    assert (bare.stages[0].train_s, bare.stages[1].submit, bare.stages[0].weights_s) == (0.004, 0.0001, 0.0)
+    profile["boundaries"][0]["methods"]["dni"].update(
+        ray_submit_s=0.003, coordinator_sample_s=0.009, weights_request_s=0.002, weights_host_s=0.005)
+    w = workload(profile, dni, [1], cfg, steps=8)
+    assert (w.stages[0].train_s, w.stages[1].submit) == (0.009, 0.003)  # Ray's path replaces training alone
+    assert (w.stages[0].weights_s, w.stages[0].weights_host_s, w.push_every) == (0.002, 0.005, 3)
+    assert w.stages[0].fwd == pytest.approx(0.01 + 0.002 + 0.02 + 0.001)
+
+
+def test_coordinator_path_is_measured_through_ray_with_the_runtime_actor(ray_cluster):
+    import torch
+
+    from decoupled.plan.profile import measure_coordinator_path
+
+    cfg = build_config(_tiny_config())
+    cdni = next(m for m in cfg.compare.methods if m.name == "dni")
+    outputs = [torch.randn(32, 4, 4, 4), torch.randn(32, 8, 2, 2)]
+    boundaries = [{"methods": {"cdni": {"train_s": 0.001}}} for _ in outputs]
+    costs = measure_coordinator_path([cdni], outputs, torch.randint(0, 3, (32,)), 3, boundaries, samples=3,
+                                     requests=3, idle_s=0.2)
+    assert list(costs) == ["cdni"] and len(costs["cdni"]) == 2
+    for c in costs["cdni"]:
+        assert set(c) == {"ray_submit_s", "coordinator_sample_s", "weights_request_s", "weights_host_s"}
+        # a Ray call and a training step take time: none of them is free or a placeholder
+        assert 0 < c["ray_submit_s"] < 1 and 0 < c["coordinator_sample_s"] < 5 and 0 < c["weights_request_s"] < 1
+    assert ray_cluster.is_initialized()  # a Ray it did not start is left running
+
+
 def test_data_parallel_adds_the_ring_all_reduce():
     link = LinkCost(1e-4, 1e9)
     stages = [StageTimes(fwd=0.01, bwd=0.02, opt=0.001) for _ in range(4)]

@@ -149,7 +149,14 @@ def workload(profile: dict, method, boundaries: list[int], cfg: Config, steps: i
         elif mode in ("dni", "dni-local"):
             t.fwd = fwd + extra.get("predict_s", 0.0) + bwd + opt
             t.train_s = extra.get("train_s", 0.0)
-            t.submit = c.extra(a, label).get("submit_s", 0.0) if not first else 0.0
+            if mode == "dni":
+                incoming = c.extra(a, label) if not first else {}
+                # measured through Ray when the profile has it (profile.measure_coordinator_path); else
+                # the training step and pickling alone, which undercount the coordinator's traffic
+                t.train_s = extra.get("coordinator_sample_s", t.train_s)
+                t.submit = incoming.get("ray_submit_s", incoming.get("submit_s", 0.0))
+                t.weights_s, t.weights_host_s = extra.get("weights_request_s", 0.0), extra.get("weights_host_s", 0.0)
+                w.push_every = method.predictor_push_every
             w.sample_rate, w.max_outstanding = method.predictor_sample_rate, method.predictor_max_outstanding
         else:  # dfa: the forward keeps a copy of the weights; the update waits for the output error
             if last:

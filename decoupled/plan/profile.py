@@ -71,10 +71,11 @@ def micro_sizes(cfg: Config, methods: list) -> list[int]:
 
 
 def measure_profile(cfg: Config, dataset: Dataset, methods: list, repeats: int = 10, link: bool = True,
-                    timed: bool = True, contention: bool = True) -> dict:
+                    timed: bool = True, contention: bool = True, coordinator: bool | None = None) -> dict:
     """Time every block at every batch size the ``methods`` use, each rule's extra modules at every
-    possible boundary, (``link``) a gloo link between two local processes, and (``contention``) how
-    much CPU workers sharing this machine slow each other down.
+    possible boundary, (``link``) a gloo link between two local processes, (``contention``) how
+    much CPU workers sharing this machine slow each other down, and (``coordinator``, default: as
+    ``link``) what DNI's samples and weight requests cost through Ray and the coordinator actor.
 
     ``timed=False`` only counts FLOPs (for ``assume_device``), except the DNI predictors'
     training, which the coordinator does on its CPU wherever the stages run.
@@ -91,7 +92,7 @@ def measure_profile(cfg: Config, dataset: Dataset, methods: list, repeats: int =
     y = dataset.train_y[:batch].to(device)
     if len(x) < batch:
         raise ValueError(f"train.batch_size: profiling needs {batch} training samples, the data has {len(x)}")
-    out_blocks, boundaries, inputs = [], [], []
+    out_blocks, boundaries, inputs, boundary_outputs = [], [], [], []
     shape = tuple(dataset.input_shape)
     for j, block in enumerate(blocks):
         block.train()
@@ -110,6 +111,7 @@ def measure_profile(cfg: Config, dataset: Dataset, methods: list, repeats: int =
         entry["output_bytes"] = math.prod(shape) * x.element_size()  # per sample
         out_blocks.append(entry)
         if j < len(blocks) - 1:
+            boundary_outputs.append(x.detach())
             boundaries.append(_boundary_costs(j, x.detach(), y, methods, cfg, dataset.num_classes,
                                               repeats if timed else 0, sync))
     # Forward and backward of every block, size and variant, in rounds: a machine whose speed
@@ -135,6 +137,12 @@ def measure_profile(cfg: Config, dataset: Dataset, methods: list, repeats: int =
             else:
                 entry["fwd_s"][str(size)] = entry["bwd_s"][str(size)] = entry["bwd_input_s"][str(size)] = 0.0
         blocks[j].zero_grad(set_to_none=True)
+    coordinated = [m for m in methods if isinstance(m, DNIMethod) and m.predictor_training == "coordinator"]
+    if (link if coordinator is None else coordinator) and timed and coordinated and boundaries:
+        for label, per_boundary in measure_coordinator_path(coordinated, boundary_outputs, y, dataset.num_classes,
+                                                            boundaries).items():
+            for boundary, costs in zip(boundaries, per_boundary):
+                boundary["methods"][label].update(costs)
     profile = {
         "version": PROFILE_VERSION,
         "timed": timed,
@@ -453,6 +461,117 @@ def gpu_cluster_link(bandwidth_gbytes: float = 25.0, latency_us: float = 10.0) -
     with 10 us of latency per message, GPU-direct (no host copies)."""
     return {"latency_s": latency_us * 1e-6, "bandwidth_bytes_per_s": bandwidth_gbytes * 1e9,
             "source": f"assumed: {bandwidth_gbytes:g} GB/s, {latency_us:g} us per message"}
+
+
+# --------------------------------------------------------------- DNI's Ray path
+
+
+def _host_busy_s() -> float | None:
+    """CPU-seconds every process on this host has used (Linux /proc/stat; None elsewhere)."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+
+
+def measure_coordinator_path(methods: list, outputs: list[torch.Tensor], y: torch.Tensor, classes: int,
+                             boundaries: list[dict], samples: int = 8, requests: int = 16,
+                             idle_s: float = 2.0) -> dict[str, list[dict]]:
+    """What DNI's coordinator traffic costs on this machine, per boundary and method, through the
+    same Ray calls and ``PredictorCoordinator`` the runtime uses (an embedded Ray is started if none is).
+
+    Per sample: ``ray_submit_s``, the sending stage's time in ``submit.remote`` (serialising
+    (h, y, dL/dh) into Ray's object store), and ``coordinator_sample_s``, the CPU the rest of the
+    host spends on it (the coordinator's receive and training step, Ray's own processes). Per
+    weights request: ``weights_request_s``, the asking stage's CPU (request, reply, loading), and
+    ``weights_host_s``, the rest. Host CPU is read from /proc/stat net of what the host used while
+    idle just before; without /proc/stat only the coordinator process is counted.
+
+    Training on the coordinator measured 57 ms of CPU per sample where the same step in-process took
+    33 ms, and each weights request ~12 ms of CPU in all: profiling the training step alone missed it.
+    """
+    from ..runtime.coordinator import PredictorCoordinator
+    from ..runtime.ray_runtime import _ray
+
+    ray = _ray(embedded=True)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, configure_logging=False,
+                 log_to_driver=False, num_cpus=_cores())
+    out: dict[str, list[dict]] = {}
+    try:
+        for m in methods:
+            label = m.display_name()
+            coordinator = ray.remote(PredictorCoordinator).options(num_cpus=0, max_concurrency=4).remote(
+                m.model_dump(mode="json"), classes)
+            out[label] = []
+            for b, (h, boundary) in enumerate(zip(outputs, boundaries)):
+                shape = tuple(h.shape[1:])
+                hidden = m.predictor_hidden or shape[0]
+                predictor = GradientPredictor(shape, classes, m.conditioned, hidden, m.predictor_layers,
+                                              m.predictor_kernel_size)
+                ray.get(coordinator.register.remote(b, shape, hidden, predictor.state_dict()), timeout=120)
+                h, labels = h.cpu().contiguous(), y.cpu()
+                grad = torch.randn_like(h) / h.shape[0]
+                # one warm-up of each call: first-call costs are not the steady state
+                ray.get(coordinator.submit.remote(b, h, labels, grad), timeout=120)
+                ray.get(coordinator.weights.remote(b, -1), timeout=120)
+                pause = 0.05 + 4 * boundary["methods"][label]["train_s"]  # each sample trained before the next
+                time.sleep(pause)
+                idle = _cpu_rates(ray, coordinator, idle_s)
+
+                def submit() -> float:
+                    t0 = time.perf_counter()
+                    ref = coordinator.submit.remote(b, h, labels, grad)
+                    caller = time.perf_counter() - t0
+                    ray.get(ref, timeout=120)
+                    time.sleep(pause)
+                    return caller
+
+                def ask() -> float:
+                    reply = ray.get(coordinator.weights.remote(b, -1), timeout=120)
+                    predictor.load_state_dict(reply[1])
+                    return 0.0
+
+                per_sample, caller = _host_cpu_per_call(ray, coordinator, submit, samples, idle)
+                per_request, _ = _host_cpu_per_call(ray, coordinator, ask, requests, idle)
+                out[label].append({
+                    "ray_submit_s": caller,
+                    "coordinator_sample_s": max(per_sample["host"] - caller, per_sample["coordinator"]),
+                    "weights_request_s": per_request["stage"],
+                    "weights_host_s": max(per_request["host"] - per_request["stage"], per_request["coordinator"]),
+                })
+            ray.kill(coordinator)
+    finally:
+        if started:
+            ray.shutdown()
+    return out
+
+
+def _cpu_rates(ray, coordinator, seconds: float) -> dict[str, float]:
+    """CPU-seconds per second the host and the coordinator use while nothing is sent."""
+    host0, coord0, t0 = _host_busy_s(), ray.get(coordinator.cpu_seconds.remote(), timeout=60), time.perf_counter()
+    time.sleep(seconds)
+    host1, coord1 = _host_busy_s(), ray.get(coordinator.cpu_seconds.remote(), timeout=60)
+    wall = time.perf_counter() - t0
+    return {"host": (host1 - host0) / wall if host0 is not None else None, "coordinator": (coord1 - coord0) / wall}
+
+
+def _host_cpu_per_call(ray, coordinator, call: Callable[[], float], n: int, idle: dict) -> tuple[dict, float]:
+    """CPU-seconds per ``call``: this process's (``stage``), the coordinator's, and the host's, each net of
+    its idle rate; and the median of what ``call`` returned."""
+    host0, coord0 = _host_busy_s(), ray.get(coordinator.cpu_seconds.remote(), timeout=60)
+    own0, t0 = time.process_time(), time.perf_counter()
+    returned = [call() for _ in range(n)]
+    wall = time.perf_counter() - t0
+    own = (time.process_time() - own0) / n
+    coord = max(0.0, (ray.get(coordinator.cpu_seconds.remote(), timeout=60) - coord0 - idle["coordinator"] * wall) / n)
+    host1 = _host_busy_s()
+    host = coord + own if host0 is None or idle["host"] is None else \
+        max(coord + own, (host1 - host0 - idle["host"] * wall) / n)
+    return {"stage": own, "coordinator": coord, "host": host}, statistics.median(returned)
 
 
 # ----------------------------------------------------------------- assumed devices

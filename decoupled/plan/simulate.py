@@ -11,7 +11,8 @@ same order, with measured durations instead of tensors:
 - lockstep schedules (GPipe, 1F1B, data parallel) meet at a barrier each step, as the
   workers' stop-flag all-reduce makes them;
 - each DNI coordinator trains its predictor from the samples the next stage sends, dropping
-  the oldest beyond ``predictor_max_outstanding``; its work takes cores from the same pool.
+  the oldest beyond ``predictor_max_outstanding``; its work, and answering the stages' weight
+  requests, takes cores from the same pool.
 
 Samples/s is computed as the runtime computes it: the samples from step ``warmup`` on,
 over the time from stage 0 starting that step to the last worker finishing.
@@ -51,7 +52,9 @@ class StageTimes:
     out_bytes: float = 0.0  # one message forward (activation and labels)
     back_bytes: float = 0.0  # one message backward (gradient or output error)
     train_s: float = 0.0  # DNI: the coordinator's (or, locally, this stage's) predictor step for this boundary
-    submit: float = 0.0  # DNI: serialising one (h, y, dL/dh) sample for the coordinator
+    submit: float = 0.0  # DNI: sending one (h, y, dL/dh) sample to the coordinator, on the sending stage
+    weights_s: float = 0.0  # DNI: asking for fresh predictor weights and loading them, on the asking stage
+    weights_host_s: float = 0.0  # DNI: what answering that request costs the rest of the host (coordinator, Ray)
 
 
 @dataclass
@@ -71,6 +74,7 @@ class Workload:
     replay_max_reuse: int = 1
     sample_rate: float = 1.0
     max_outstanding: int = 8
+    push_every: int = 1  # DNI: steps between a stage's weight requests
     seed: int = 0
 
 
@@ -350,6 +354,7 @@ def _dni(sim: _Sim, k: int, fwd, back):
     w, s = sim.w, sim.w.stages[k]
     last = len(w.stages) - 1
     rng = random.Random(w.seed * 7919 + k)
+    env = sim.env
     local = w.mode == "dni-local"
     pending = 0
     step = 0
@@ -373,6 +378,10 @@ def _dni(sim: _Sim, k: int, fwd, back):
                     wakeups[k - 1].succeed()
         if local and k < last:
             pending = yield from _drain(sim, k, back[k], pending + 1, s.train_s, block=False)
+        elif k < last and step % w.push_every == 0:  # the stage asks for fresh weights; the host answers
+            yield from sim.compute(k, s.weights_s)
+            if s.weights_host_s > 0:
+                env.process(sim.compute(None, s.weights_host_s))
         step += 1
     if local:
         while pending:

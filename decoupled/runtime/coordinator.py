@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 
 import torch
 
@@ -66,6 +67,10 @@ class PredictorCoordinator:
     def stats(self) -> dict[int, dict[str, float]]:
         with self.cv:
             return {b: dict(s) for b, s in self.stats_.items()}
+
+    def cpu_seconds(self) -> float:
+        """CPU time this actor's process has used (all its threads): the planner's measure of its cost."""
+        return time.process_time()
 
     def _train_loop(self, boundary: int) -> None:
         # One thread per boundary: the OS then gives predictor training a share of the CPU per
