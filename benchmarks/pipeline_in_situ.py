@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _peer(rank: int, port: int, config: str, boundary: int, kind: str, m: int, rounds: int, steps: int, results):
+def _peer(rank: int, port: int, config: str, boundary: int, kind: str, m: int, rounds: int, steps: int, pin: bool,
+          results):
     import torch.distributed as dist
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
@@ -42,6 +43,8 @@ def _peer(rank: int, port: int, config: str, boundary: int, kind: str, m: int, r
     from decoupled.train import prepare
 
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    if pin:  # this process (and the threads it starts: gloo's) on one core of its own
+        os.sched_setaffinity(0, {rank % len(os.sched_getaffinity(0))})
     cfg, dataset = prepare(load_config(config))
     torch.set_num_threads(cfg.train.threads or 1)
     torch.manual_seed(cfg.seed)
@@ -96,13 +99,14 @@ def _peer(rank: int, port: int, config: str, boundary: int, kind: str, m: int, r
     dist.destroy_process_group()
 
 
-def measure(config: str, boundary: int, kind: str, m: int, rounds: int, steps: int) -> dict[int, dict]:
+def measure(config: str, boundary: int, kind: str, m: int, rounds: int, steps: int,
+            pin: bool = False) -> dict[int, dict]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    procs = [ctx.Process(target=_peer, args=(r, port, config, boundary, kind, m, rounds, steps, results))
+    procs = [ctx.Process(target=_peer, args=(r, port, config, boundary, kind, m, rounds, steps, pin, results))
              for r in (0, 1)]
     for p in procs:
         p.start()
@@ -134,6 +138,7 @@ def main() -> None:
     ap.add_argument("--schedules", default="gpipe-2,gpipe-8,1f1b-8", help="KIND-M,... (gpipe or 1f1b)")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=5, help="steps per phase of a round")
+    ap.add_argument("--pin-cores", action="store_true", help="pin each process to a core of its own (Linux)")
     args = ap.parse_args()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from decoupled.config import load_config
@@ -154,7 +159,7 @@ def main() -> None:
     for spec in args.schedules.split(","):
         kind, m = spec.split("-")
         m = int(m)
-        r = measure(args.config, args.boundary, kind, m, args.rounds, args.steps)
+        r = measure(args.config, args.boundary, kind, m, args.rounds, args.steps, args.pin_cores)
         alone = [(r[k]["alone_fwd"], r[k]["alone_bwd"]) for k in (0, 1)]
         # in-situ compute, split into forwards and backwards as the stage's alone compute is
         situ = [(r[k]["in_situ"] * f / (f + b), r[k]["in_situ"] * b / (f + b)) for k, (f, b) in enumerate(alone)]
