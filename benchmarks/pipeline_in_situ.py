@@ -5,7 +5,7 @@ torch.distributed.pipelining, in rounds that alternate:
 
 - alone: each stage in turn does one step's micro-batch forwards and backwards in GPipe order
   with no pipeline and its peer waiting (the profile's view of its compute: wall time, and
-  main-thread CPU time for the ratio below);
+  main-thread CPU time);
 - in situ: both run the real schedule; each step's main-thread CPU time is the stage's compute
   there (waits for the peer sleep, so they do not count).
 
@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import time
 from datetime import timedelta
 
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -101,22 +99,9 @@ def _peer(rank: int, port: int, config: str, boundary: int, kind: str, m: int, r
 
 def measure(config: str, boundary: int, kind: str, m: int, rounds: int, steps: int,
             pin: bool = False) -> dict[int, dict]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_peer, args=(r, port, config, boundary, kind, m, rounds, steps, pin, results))
-             for r in (0, 1)]
-    for p in procs:
-        p.start()
-    try:
-        return dict(results.get(timeout=1800) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
+    from decoupled.plan.profile import run_gloo_pair
+
+    return dict(run_gloo_pair(_peer, config, boundary, kind, m, rounds, steps, pin, timeout_s=1800))
 
 
 def simulated_step(kind: str, m: int, batch: int, per_stage: list[tuple[float, float]], out_bytes: float,

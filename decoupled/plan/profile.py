@@ -295,9 +295,9 @@ def _cores() -> int:
 # ----------------------------------------------------------------------------- links
 
 
-def _gloo_pair(target, *args) -> list:
+def run_gloo_pair(target, *args, timeout_s: float = 120.0) -> list:
     """Run ``target(rank, port, *args, results)`` in two spawned processes that form a gloo group;
-    returns what each put on ``results``."""
+    returns what each put on ``results`` (waiting at most ``timeout_s`` for each)."""
     import torch.multiprocessing as mp
 
     with socket.socket() as s:
@@ -309,7 +309,7 @@ def _gloo_pair(target, *args) -> list:
     for p in procs:
         p.start()
     try:
-        return [results.get(timeout=120) for _ in procs]
+        return [results.get(timeout=timeout_s) for _ in procs]
     finally:
         for p in procs:
             p.join(timeout=30)
@@ -319,7 +319,7 @@ def _gloo_pair(target, *args) -> list:
 
 def measure_link(sizes: tuple[int, ...] = (4096, 4 << 20), repeats: int = 20) -> dict:
     """One-way time of a gloo send between two processes on this machine: latency + bytes / bandwidth."""
-    times = next(t for t in _gloo_pair(_link_peer, sizes, repeats) if t is not None)
+    times = next(t for t in run_gloo_pair(_link_peer, sizes, repeats) if t is not None)
     (s0, t0), (s1, t1) = (sizes[0], times[0]), (sizes[-1], times[-1])
     bandwidth = (s1 - s0) / max(t1 - t0, 1e-9)
     latency = max(t0 - s0 / bandwidth, 0.0)
@@ -416,7 +416,7 @@ def measure_pipeline_overhead(batch: int, microbatches: tuple[int, int] = (2, 8)
     """Seconds torch's GPipe and 1F1B schedules spend per step beyond the model's compute, as
     ``per_step_s + per_microbatch_s * M``: measured with a one-Linear model on two gloo processes,
     so what remains is the schedules' own work (micro-batch bookkeeping, P2P calls, waits)."""
-    measured = _gloo_pair(_pipeline_peer, batch, microbatches, steps)
+    measured = run_gloo_pair(_pipeline_peer, batch, microbatches, steps)
     out = {}
     m0, m1 = microbatches
     for kind in ("gpipe", "1f1b"):
