@@ -1,4 +1,4 @@
-"""Does the planner's schedule model hold for GPipe/1F1B on real stages? (docs/RESULTS.md 3a)
+"""Does the planner's schedule model hold for GPipe/1F1B (and DDP) on real stages? (docs/RESULTS.md 3a)
 
 Two gloo processes run a config's model, split at ``--boundary``, through
 torch.distributed.pipelining, in rounds that alternate:
@@ -16,6 +16,12 @@ and in situ.
 
     python benchmarks/pipeline_in_situ.py --config configs/bench_cpu.yaml --boundary 2 \
         --schedules gpipe-2,gpipe-8,1f1b-8
+
+``--schedules ddp`` does the same for data parallel on the whole net (no ``--boundary``): each
+replica's step alone, both replicas stepping at once unsynchronised (what the profile's contention
+probe measures), and torch's DDP with the runtime's per-step stop-flag all-reduce.
+
+    python benchmarks/pipeline_in_situ.py --config configs/bench_cpu.yaml --schedules ddp --rounds 3
 """
 
 from __future__ import annotations
@@ -97,6 +103,57 @@ def _peer(rank: int, port: int, config: str, boundary: int, kind: str, m: int, r
     dist.destroy_process_group()
 
 
+def _ddp_peer(rank: int, port: int, config: str, rounds: int, steps: int, results):
+    """Data parallel on the whole net: each replica's step alone (the other waiting), both stepping
+    at once without synchronising (the profile's contention probe), and real DDP with the runtime's
+    per-step stop-flag all-reduce; median wall seconds per step of each, per round."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from decoupled.config import load_config
+    from decoupled.models import build_blocks
+    from decoupled.stage import build_optimizer
+    from decoupled.train import prepare
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    cfg, dataset = prepare(load_config(config))
+    torch.set_num_threads(cfg.train.threads or 1)
+    torch.manual_seed(cfg.seed)
+    net = nn.Sequential(*build_blocks(cfg.model, dataset.input_shape, dataset.num_classes))
+    store = dist.TCPStore("127.0.0.1", port, 2, rank == 0, timedelta(seconds=60))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=2, timeout=timedelta(seconds=300))
+    ddp = DistributedDataParallel(net)
+    opt = build_optimizer(list(net.parameters()), cfg.optimizer)
+    batch = cfg.train.batch_size
+    x, y = dataset.train_x[rank * batch:(rank + 1) * batch], dataset.train_y[rank * batch:(rank + 1) * batch]
+
+    def step_time(model: nn.Module, flag: bool) -> float:
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            if flag:
+                dist.all_reduce(torch.zeros(1))
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    step_time(ddp, True)  # warm-up
+    report = {"alone": [], "together": [], "ddp": []}
+    for _ in range(rounds):
+        for who in (0, 1):
+            dist.barrier()
+            if rank == who:
+                report["alone"].append(step_time(net, False))
+        dist.barrier()
+        report["together"].append(step_time(net, False))
+        dist.barrier()
+        report["ddp"].append(step_time(ddp, True))
+    results.put((rank, report))
+    dist.destroy_process_group()
+
+
 def measure(config: str, boundary: int, kind: str, m: int, rounds: int, steps: int,
             pin: bool = False) -> dict[int, dict]:
     from decoupled.plan.profile import run_gloo_pair
@@ -116,11 +173,24 @@ def simulated_step(kind: str, m: int, batch: int, per_stage: list[tuple[float, f
     return batch / p.samples_per_sec
 
 
+def _print_ddp(config: str, rounds: int, steps: int) -> None:
+    """One line per round and replica: alone, together unsynchronised, and DDP step ms."""
+    from decoupled.plan.profile import run_gloo_pair
+
+    r = dict(run_gloo_pair(_ddp_peer, config, rounds, steps, timeout_s=1800))
+    print("\n| ddp round | replica | step alone ms | both at once, unsynchronised | DDP with the stop flag | DDP / at once |")
+    print("|---|---|---|---|---|---|")
+    for i in range(rounds):
+        for k in (0, 1):
+            a, t, d = (1e3 * r[k][key][i] for key in ("alone", "together", "ddp"))
+            print(f"| {i + 1} | {k} | {a:.0f} | {t:.0f} | {d:.0f} | {d / t:.2f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True)
-    ap.add_argument("--boundary", type=int, required=True, help="first block of stage 1")
-    ap.add_argument("--schedules", default="gpipe-2,gpipe-8,1f1b-8", help="KIND-M,... (gpipe or 1f1b)")
+    ap.add_argument("--boundary", type=int, help="first block of stage 1 (GPipe/1F1B)")
+    ap.add_argument("--schedules", default="gpipe-2,gpipe-8,1f1b-8", help="KIND-M,... (gpipe or 1f1b), or ddp")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=5, help="steps per phase of a round")
     ap.add_argument("--pin-cores", action="store_true", help="pin each process to a core of its own (Linux)")
@@ -131,6 +201,12 @@ def main() -> None:
     from decoupled.plan.profile import measure_link
     from decoupled.train import prepare
 
+    pipelined = [spec for spec in args.schedules.split(",") if spec != "ddp"]
+    if pipelined and args.boundary is None:
+        ap.error(f"--boundary: needed by {', '.join(pipelined)}")
+    if not pipelined:
+        _print_ddp(args.config, args.rounds, args.steps)
+        return
     cfg, dataset = prepare(load_config(args.config))
     blocks = build_blocks(cfg.model, dataset.input_shape, dataset.num_classes)
     with torch.no_grad():
@@ -142,6 +218,9 @@ def main() -> None:
           "CPU ms per step alone, stage 0 / 1 | in situ, stage 0 / 1 |")
     print("|---|---|---|---|---|---|")
     for spec in args.schedules.split(","):
+        if spec == "ddp":
+            _print_ddp(args.config, args.rounds, args.steps)
+            continue
         kind, m = spec.split("-")
         m = int(m)
         r = measure(args.config, args.boundary, kind, m, args.rounds, args.steps, args.pin_cores)
