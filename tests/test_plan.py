@@ -82,6 +82,22 @@ def test_measured_contention_slows_tasks_that_run_together():
         _run("naive", naive, cores=2).samples_per_sec)
 
 
+def test_message_copies_take_core_time_at_both_ends_only_on_shared_cores():
+    # each batch's 1 MB costs 10 ms of CPU on the sender and on the receiver: on two shared cores the
+    # stages' steps become 20 + 10 ms; with a device each (cores=None) the copies cost them nothing
+    link = LinkCost(0.0, 1e18, cpu_s_per_byte=1e-8)
+    stages = [StageTimes(fwd=0.02, out_bytes=1e6), StageTimes(fwd=0.02)]
+    shared = _run("dgl", stages, steps=200, cores=2, link=link)
+    assert shared.samples_per_sec == pytest.approx(10 / 0.03, rel=0.02)
+    assert _run("dgl", stages, steps=200, link=link).samples_per_sec == pytest.approx(10 / 0.02, rel=0.02)
+    # data parallel on two shared cores: each replica sends and receives the gradients' bytes once
+    # (ring all-reduce, n = 2), paid with its optimizer step
+    replicas = [StageTimes(fwd=0.01, bwd=0.02, opt=0.001) for _ in range(2)]
+    free = _run("ddp", replicas, cores=2, link=LinkCost(0.0, 1e18), allreduce_bytes=1e6)
+    copied = _run("ddp", replicas, cores=2, link=link, allreduce_bytes=1e6)
+    assert 2 * 10 / copied.samples_per_sec - 2 * 10 / free.samples_per_sec == pytest.approx(0.02, rel=1e-3)
+
+
 def test_a_slow_stage_sets_the_pace_and_the_fast_one_waits_to_send():
     p = _run("dgl", [StageTimes(fwd=0.01), StageTimes(fwd=0.02)], steps=200, max_in_flight=1)
     assert p.samples_per_sec == pytest.approx(10 / 0.02, rel=0.03)
@@ -206,6 +222,15 @@ def _tiny_config(**overrides) -> dict:
 def tiny_profile():
     cfg, dataset = prepare(build_config(_tiny_config()))
     return cfg, measure_profile(cfg, dataset, list(cfg.compare.methods), repeats=2, link=False, contention=False)
+
+
+def test_link_probe_measures_latency_bandwidth_and_the_cpu_of_the_copies():
+    from decoupled.plan.profile import measure_link
+
+    link = measure_link(repeats=3)
+    assert link["latency_s"] >= 0 and link["bandwidth_bytes_per_s"] > 1e6
+    # a loopback byte costs each end CPU for its copies: more than nothing, less than a second per MB
+    assert 0 < link["cpu_s_per_byte"] < 1e-6
 
 
 def test_contention_probe_alternates_alone_and_together_and_ends_its_processes():

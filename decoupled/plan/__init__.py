@@ -199,7 +199,7 @@ def plan(cfg: Config, workers: int, profile: dict, link: dict | None = None, cor
         if cfg.train.max_steps:
             steps = min(steps, cfg.train.max_steps)
     steps = max(2, min(steps, MAX_SIMULATED_STEPS))
-    cost = LinkCost(link["latency_s"], link["bandwidth_bytes_per_s"])
+    cost = LinkCost(link["latency_s"], link["bandwidth_bytes_per_s"], link.get("cpu_s_per_byte", 0.0))
     rows = []
     for m in methods:
         w = workload(profile, m, boundaries, cfg, steps)
@@ -260,7 +260,9 @@ def format_plan(result: dict, validation: list[dict] | None = None) -> str:
              f"split at blocks {result['boundaries']} (balanced: {result['balanced_boundaries']}); "
              f"{result['steps']} steps simulated; link: {result['link'].get('source', '')} "
              f"({1e6 * result['link']['latency_s']:.0f} us + {result['link']['bandwidth_bytes_per_s'] / 1e9:.2f} GB/s)"
-             + (f"; {result['pool']} workers' worth of cores shared, {_slowdown(result['contention'])}"
+             + (f"; {result['pool']} workers' worth of cores shared, {_slowdown(result['contention'])}, "
+                f"message copies {1e3 * result['link'].get('cpu_s_per_byte', 0.0) * 2**20:.2f} ms of CPU per MiB "
+                "at each end"
                 if result["pool"] else "; a device per worker"),
              "", "| stage | blocks | params | fwd ms | bwd ms | update ms | activation MiB | link ms | extra ms |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -343,12 +343,19 @@ def run_gloo_pair(target, *args, timeout_s: float = 120.0) -> list:
 
 
 def measure_link(sizes: tuple[int, ...] = (4096, 4 << 20), repeats: int = 20) -> dict:
-    """One-way time of a gloo send between two processes on this machine: latency + bytes / bandwidth."""
-    times = next(t for t in run_gloo_pair(_link_peer, sizes, repeats) if t is not None)
+    """One-way time of a gloo send between two processes on this machine: latency + bytes / bandwidth;
+    and the CPU each end spends per byte it sends or receives (the copies through the loopback
+    socket, in gloo's threads: on a machine whose cores the workers share, that time is taken
+    from the stages' compute)."""
+    measured = run_gloo_pair(_link_peer, sizes, repeats)
+    times = next(t for t, _ in measured if t is not None)
     (s0, t0), (s1, t1) = (sizes[0], times[0]), (sizes[-1], times[-1])
     bandwidth = (s1 - s0) / max(t1 - t0, 1e-9)
     latency = max(t0 - s0 / bandwidth, 0.0)
-    return {"latency_s": latency, "bandwidth_bytes_per_s": bandwidth, "source": "measured: gloo, two local processes",
+    # a round trip sends one message and receives one on each end: two messages' copies
+    cpu_per_byte = statistics.mean(max(0.0, (cpu[-1] - cpu[0]) / (2 * (s1 - s0))) for _, cpu in measured)
+    return {"latency_s": latency, "bandwidth_bytes_per_s": bandwidth, "cpu_s_per_byte": cpu_per_byte,
+            "source": "measured: gloo, two local processes",
             "samples": {str(s): t for s, t in zip(sizes, times)}}
 
 
@@ -359,12 +366,12 @@ def _link_peer(rank: int, port: int, sizes: tuple[int, ...], repeats: int, resul
     torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", port, 2, rank == 0, timedelta(seconds=60))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=2, timeout=timedelta(seconds=60))
-    out = []
+    out, cpu = [], []
     for size in sizes:
         buf = torch.zeros(size // 4, dtype=torch.float32)
-        times = []
+        times, cpu_times = [], []
         for r in range(repeats + 2):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()  # process: gloo's threads do the copies
             if rank == 0:  # ping-pong: half the round trip is one way
                 dist.send(buf, 1)
                 dist.recv(buf, 1)
@@ -373,8 +380,10 @@ def _link_peer(rank: int, port: int, sizes: tuple[int, ...], repeats: int, resul
                 dist.send(buf, 0)
             if r >= 2:
                 times.append((time.perf_counter() - t0) / 2)
+                cpu_times.append(time.process_time() - c0)
         out.append(statistics.median(times))
-    results.put(out if rank == 0 else None)  # rank 0 timed the round trips
+        cpu.append(statistics.median(cpu_times))
+    results.put((out if rank == 0 else None, cpu))  # rank 0 timed the round trips; both their CPU
     dist.destroy_process_group()
 
 
