@@ -269,6 +269,10 @@ class TrainConfig(_Strict):
     max_steps: PositiveInt | None = Field(None, description="stop after this many steps (throughput runs)")
     warmup_steps: NonNegativeInt = Field(5, description="first steps left out of samples/s (one-off start-up costs)")
     threads: PositiveInt | None = Field(None, description="torch.set_num_threads; default: torch's choice")
+    keep_freed_memory: bool = Field(
+        True, description="glibc (Linux): Ray stage workers and DNI coordinators keep the memory they free for "
+        "the next step instead of returning it to the OS and faulting it in again (decoupled/malloc.py); "
+        "so does the profile of `decoupled plan`")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: PositiveInt = 10
     metrics_every_s: PositiveFloat = Field(2.0, description="ray runtime: how often the driver collects stage metrics")

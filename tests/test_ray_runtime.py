@@ -126,6 +126,9 @@ def test_a_slow_stage_holds_back_the_stage_before_it_only_by_the_in_flight_bound
     with RayWorkers(cfg) as workers:
         train_ray(cfg, tmp_path / "run", dataset, workers)
         fast, slow = ray_cluster.get([a.steps_timeline.remote() for a in workers.actors])
+        places = ray_cluster.get([a.where.remote() for a in workers.actors])
+    # every worker process started with malloc told to keep what it frees (train.keep_freed_memory)
+    assert all("glibc.malloc.mmap_max=0" in (p["glibc_tunables"] or "") for p in places)
     assert len(fast) == len(slow) == 30
     starts_of_slow = sorted(start for _, start, _ in slow)
     leads = []

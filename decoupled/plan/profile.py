@@ -27,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..config import Config, DFAMethod, DGLMethod, DNIMethod
 from ..data import Dataset
+from ..malloc import keep_freed_memory
 from ..models import build_blocks, count_parameters, output_shape
 from ..pipeline import resolve_device
 from ..rules.dgl import auxiliary_head
@@ -83,6 +84,8 @@ def measure_profile(cfg: Config, dataset: Dataset, methods: list, repeats: int =
     device = resolve_device(cfg.train.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    if cfg.train.keep_freed_memory and timed:  # time the blocks, and run the probes, as the workers will run
+        keep_freed_memory()
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     torch.manual_seed(cfg.seed)
     blocks = [b.to(device) for b in copy.deepcopy(build_blocks(cfg.model, dataset.input_shape, dataset.num_classes))]

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .. import checkpoint
 from ..config import Config, ConfigError
 from ..data import Dataset
+from ..malloc import tunables_env
 from ..metrics import MetricsLogger, write_json_atomic
 from ..pipeline import steps_per_epoch, total_steps
 from ..stage import NonFiniteError
@@ -51,6 +52,7 @@ class RayWorkers:
         self.actors: list = []
         self.pg = None
         self.device = "cpu"
+        self.worker_env: dict[str, str] = {}  # environment of every actor this run starts
 
     def __enter__(self) -> "RayWorkers":
         try:
@@ -94,12 +96,15 @@ class RayWorkers:
         if not ready:
             raise RuntimeError(f"cluster: the placement group of {self.size} x {bundle} was not ready within "
                                f"{timeout:.0f} s (cluster.start_timeout_s); resources now: {ray.available_resources()}")
+        env = self.worker_env = dict(self.env)
+        if self.cfg.train.keep_freed_memory:  # read when the worker process starts: it cannot come later
+            env["GLIBC_TUNABLES"] = tunables_env(os.environ.get("GLIBC_TUNABLES"))
         actor = ray.remote(StageWorker)
         self.actors = [
             actor.options(
                 num_cpus=c.cpus_per_worker, num_gpus=gpus, max_concurrency=2,  # a second thread answers metrics()
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=k),
-                runtime_env={"env_vars": self.env} if self.env else None,
+                runtime_env={"env_vars": env} if env else None,
             ).remote(k, self.size, self.cfg.train.threads)
             for k in range(self.size)
         ]
@@ -223,7 +228,9 @@ class _RayRun:
 
             # One actor per boundary, so no predictor waits behind another's training (or its GIL).
             # num_cpus=0: they share the workers' cores rather than holding cores of their own.
-            self.coordinators = [ray.remote(PredictorCoordinator).options(num_cpus=0, max_concurrency=4).remote(
+            env = self.workers.worker_env  # the workers' settings (malloc): the coordinators train on their cores
+            self.coordinators = [ray.remote(PredictorCoordinator).options(
+                num_cpus=0, max_concurrency=4, runtime_env={"env_vars": env} if env else None).remote(
                 cfg.method.model_dump(mode="json"), self.dataset.num_classes) for _ in range(cfg.split.stages - 1)]
         # Only workers that read inputs get the data; the others get shapes and labels (for step counts).
         full, light = ray.put(self.dataset), ray.put(self.dataset.without_inputs())

@@ -79,7 +79,7 @@ class StageWorker:
     def where(self) -> dict:
         gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
         return {"pid": os.getpid(), "node": socket.gethostname(), "node_id": _node_id(), "ip": _node_ip(),
-                "gpus": gpus}
+                "gpus": gpus, "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
 
     def open_store(self, address: str, timeout_s: float) -> int:
         """Rank 0: the rendezvous store, listening on ``address`` only (not every interface); returns its port.
