@@ -266,7 +266,7 @@ def test_blocks_are_timed_in_a_pass_that_is_the_whole_nets_backprop():
     from torch import nn
 
     from decoupled.models import build_blocks
-    from decoupled.plan.profile import _chained_fwd_bwd
+    from decoupled.split import pass_times
 
     torch.manual_seed(0)
     blocks = build_blocks(build_config(_tiny_config()).model, (3, 8, 8), 10)
@@ -276,13 +276,13 @@ def test_blocks_are_timed_in_a_pass_that_is_the_whole_nets_backprop():
     reference = [p.grad.clone() for p in nn.Sequential(*blocks).parameters()]
     for block in blocks:
         block.zero_grad(set_to_none=True)
-    times = _chained_fwd_bwd(blocks, x, True, lambda: None)
+    times = pass_times(blocks, x, True)
     assert len(times) == len(blocks) and all(f > 0 and b > 0 for f, b in times)
     for p, ref in zip(nn.Sequential(*blocks).parameters(), reference):
         torch.testing.assert_close(p.grad, ref)  # each block got its successor's real gradient
     for block in blocks:
         block.zero_grad(set_to_none=True)
-    _chained_fwd_bwd(blocks, x, False, lambda: None)  # no input gradients: each block gets ones
+    pass_times(blocks, x, False)  # no input gradients: each block gets ones
     last = list(blocks[-1].parameters())
     torch.testing.assert_close(last[-1].grad, reference[-1])  # the last block's gradient is the same
     assert not torch.allclose(list(blocks[0].parameters())[0].grad, reference[0])

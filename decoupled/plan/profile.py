@@ -31,6 +31,7 @@ from ..malloc import keep_freed_memory
 from ..models import build_blocks, count_parameters, output_shape
 from ..pipeline import resolve_device
 from ..rules.dgl import auxiliary_head
+from ..split import pass_times
 from ..rules.dni import GradientPredictor, PredictorTrainer
 from ..stage import build_optimizer
 
@@ -124,7 +125,7 @@ def measure_profile(cfg: Config, dataset: Dataset, methods: list, repeats: int =
     for r in range(repeats + 1 if timed else 0):
         for size in sizes:
             for input_grad in (False, True):
-                times = _chained_fwd_bwd(blocks, net_input[:size], input_grad, sync)
+                times = pass_times(blocks, net_input[:size], input_grad, sync)
                 if r:  # round 0 warms up
                     for j, (fwd, bwd) in enumerate(times):
                         samples.setdefault((j, size, input_grad), ([], []))
@@ -173,43 +174,6 @@ def measure_profile(cfg: Config, dataset: Dataset, methods: list, repeats: int =
         "measured": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     return profile
-
-
-def _chained_fwd_bwd(blocks: list[nn.Module], x: torch.Tensor, input_grad: bool, sync) -> list[tuple[float, float]]:
-    """Seconds of each block's forward and backward in one pass through all of them: forwards in
-    order, each on its predecessor's output, then backwards in reverse, each on its successor's
-    gradient (``input_grad``: every block also computes dL/dinput; else each gets a gradient of
-    ones). Timed one block at a time on inputs made long before, the same work measured 2-4% slower
-    (VGG on CPU at batch 64-128); this pass's sum came within -3.5%..+2.5% of one backward through
-    the whole net (VGG and ResNet, batch 16-128).
-    """
-    inputs, outputs, fwd = [], [], []
-    h = x
-    for block in blocks:
-        inp = h.detach().requires_grad_(input_grad)
-        sync()
-        t0 = time.perf_counter()
-        h = block(inp)
-        sync()
-        fwd.append(time.perf_counter() - t0)
-        inputs.append(inp)
-        outputs.append(h)
-    bwd = [0.0] * len(blocks)
-    grad = torch.ones_like(outputs[-1])
-    for j in reversed(range(len(blocks))):
-        # let go of each block's tensors once it is done, as one backward through the net does:
-        # holding them all made the ResNet's pass 7% slower than a training step (fresh pages)
-        out, inp = outputs.pop(), inputs.pop()
-        sync()
-        t0 = time.perf_counter()
-        out.backward(grad)
-        sync()
-        bwd[j] = time.perf_counter() - t0
-        del out
-        if j:
-            grad = inp.grad if input_grad else torch.ones_like(outputs[-1])
-        del inp
-    return list(zip(fwd, bwd))
 
 
 def _fwd_bwd_flops(block: nn.Module, x: torch.Tensor) -> dict[str, int]:
