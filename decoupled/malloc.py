@@ -12,8 +12,10 @@ then). Only glibc reads these settings; elsewhere they do nothing.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+from collections.abc import Iterator
 
 TRIM_THRESHOLD = 1 << 30  # bytes of free heap top kept before any goes back to the OS (mallopt takes an int)
 TUNABLES = {
@@ -35,12 +37,26 @@ def tunables_env(current: str | None = None) -> str:
 
 def keep_freed_memory() -> bool:
     """The same settings for this process from now on (mallopt; threads that already have an arena
-    keep it) and, through GLIBC_TUNABLES, for the processes it starts. False where this is not glibc."""
-    os.environ["GLIBC_TUNABLES"] = tunables_env(os.environ.get("GLIBC_TUNABLES"))
+    keep it). False where this is not glibc or a setting was refused."""
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    return all(mallopt(param, value) == 1 for param, value in (
-        (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD)))
+    accepted = [mallopt(param, value) == 1 for param, value in (
+        (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD))]
+    return all(accepted)
+
+
+@contextlib.contextmanager
+def children_keep_freed_memory() -> Iterator[None]:
+    """Processes started inside this block (through the environment) get the settings; the
+    environment is as it was afterwards."""
+    before = os.environ.get("GLIBC_TUNABLES")
+    os.environ["GLIBC_TUNABLES"] = tunables_env(before)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("GLIBC_TUNABLES", None)
+        else:
+            os.environ["GLIBC_TUNABLES"] = before

@@ -106,7 +106,12 @@ def block_times(blocks: list[nn.Module], sample: torch.Tensor, repeats: int = 3)
     copies = copy.deepcopy(blocks)
     for block in copies:
         block.train()
-    passes = [pass_times(copies, sample, input_grad=True) for _ in range(repeats + 1)][1:]
+    passes = []
+    for _ in range(repeats + 1):
+        passes.append(pass_times(copies, sample, input_grad=True))
+        for block in copies:  # each pass starts without gradients, as a training step does
+            block.zero_grad(set_to_none=True)
+    passes = passes[1:]
     return [statistics.median(f + b for f, b in (times[j] for times in passes)) for j in range(len(copies))]
 
 

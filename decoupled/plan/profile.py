@@ -27,12 +27,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..config import Config, DFAMethod, DGLMethod, DNIMethod
 from ..data import Dataset
-from ..malloc import keep_freed_memory
+from ..malloc import children_keep_freed_memory, keep_freed_memory
 from ..models import build_blocks, count_parameters, output_shape
 from ..pipeline import resolve_device
 from ..rules.dgl import auxiliary_head
-from ..split import pass_times
 from ..rules.dni import GradientPredictor, PredictorTrainer
+from ..split import pass_times
 from ..stage import build_optimizer
 
 PROFILE_VERSION = 1
@@ -81,12 +81,23 @@ def measure_profile(cfg: Config, dataset: Dataset, methods: list, repeats: int =
 
     ``timed=False`` only counts FLOPs (for ``assume_device``), except the DNI predictors'
     training, which the coordinator does on its CPU wherever the stages run.
+
+    With ``train.keep_freed_memory`` (the default) a timed profile sets this process's malloc to
+    keep freed memory from then on (``decoupled.malloc``), and starts its probes' processes so.
     """
+    if not (cfg.train.keep_freed_memory and timed):
+        return _measure_profile(cfg, dataset, methods, repeats, link, timed, contention, coordinator)
+    # time the blocks, and run the probes' processes, with the malloc settings the workers run with
+    keep_freed_memory()  # this process, from now on
+    with children_keep_freed_memory():
+        return _measure_profile(cfg, dataset, methods, repeats, link, timed, contention, coordinator)
+
+
+def _measure_profile(cfg: Config, dataset: Dataset, methods: list, repeats: int, link: bool, timed: bool,
+                     contention: bool, coordinator: bool | None) -> dict:
     device = resolve_device(cfg.train.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    if cfg.train.keep_freed_memory and timed:  # time the blocks, and run the probes, as the workers will run
-        keep_freed_memory()
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     torch.manual_seed(cfg.seed)
     blocks = [b.to(device) for b in copy.deepcopy(build_blocks(cfg.model, dataset.input_shape, dataset.num_classes))]
@@ -505,7 +516,9 @@ def measure_coordinator_path(methods: list, outputs: list[torch.Tensor], y: torc
     try:
         for m in methods:
             label = m.display_name()
-            coordinator = ray.remote(PredictorCoordinator).options(num_cpus=0, max_concurrency=4).remote(
+            env = {"GLIBC_TUNABLES": os.environ["GLIBC_TUNABLES"]} if "GLIBC_TUNABLES" in os.environ else None
+            coordinator = ray.remote(PredictorCoordinator).options(  # started as the runtime starts its own
+                num_cpus=0, max_concurrency=4, runtime_env={"env_vars": env} if env else None).remote(
                 m.model_dump(mode="json"), classes)
             out[label] = []
             for b, (h, boundary) in enumerate(zip(outputs, boundaries)):

@@ -8,8 +8,9 @@ same order, with measured durations instead of tensors:
   per worker);
 - a link is a FIFO wire (latency + bytes / bandwidth per message) behind a queue of
   ``in_flight_bound(max_in_flight)`` messages: a sender blocks only when it is that far ahead;
-  on shared cores, a message's copies also cost the sending and the receiving stage the CPU
-  the profile measured per byte (gloo's threads take it from their compute);
+  where workers share cores, a message's copies (gloo's threads, at both ends) take the CPU
+  the profile measured per byte from the pool while it is on its way: free if a core is
+  idle then, at the stages' expense if both are computing;
 - lockstep schedules (GPipe, 1F1B, data parallel) meet at a barrier each step, as the
   workers' stop-flag all-reduce makes them;
 - each DNI coordinator trains its predictor from the samples the next stage sends, dropping
@@ -37,8 +38,8 @@ END = "epoch-end"  # the marker a stage sends after its last batch
 class LinkCost:
     latency_s: float
     bandwidth_bytes_per_s: float
-    # CPU each end spends per byte it sends or receives (loopback copies in gloo's threads); on
-    # cores the workers share it is taken from the compute of the stage at that end
+    # CPU each end spends per byte it sends or receives (loopback copies in gloo's threads); where
+    # the workers share cores, the copies need a core while the message is on its way
     cpu_s_per_byte: float = 0.0
 
     def seconds(self, nbytes: float) -> float:
@@ -94,8 +95,8 @@ class Prediction:
 
 
 class _Link:
-    def __init__(self, sim: "_Sim", capacity: int, src: int, dst: int) -> None:
-        self.sim, self.src, self.dst = sim, src, dst
+    def __init__(self, sim: "_Sim", capacity: int) -> None:
+        self.sim = sim
         self.slots = simpy.Container(sim.env, capacity, init=capacity)
         self.store = simpy.Store(sim.env)
         self.wire_free = 0.0
@@ -105,22 +106,20 @@ class _Link:
         env = self.sim.env
         arrival = max(env.now, self.wire_free) + self.sim.link.seconds(nbytes)
         self.wire_free = arrival
-        self.sim.copy_cost(self.src, nbytes)
-        self.store.put((arrival, item, nbytes))
+        self.sim.copies(nbytes)
+        self.store.put((arrival, item))
 
     def recv(self):
-        arrival, item, nbytes = yield self.store.get()
+        arrival, item = yield self.store.get()
         if arrival > self.sim.env.now:
             yield self.sim.env.timeout(arrival - self.sim.env.now)
-        self.sim.copy_cost(self.dst, nbytes)
         yield self.slots.put(1)
         return item
 
     def poll(self):
         """The next message if it has arrived, else None (never waits)."""
         if self.store.items and self.store.items[0][0] <= self.sim.env.now:
-            _, item, nbytes = self.store.items.pop(0)
-            self.sim.copy_cost(self.dst, nbytes)
+            _, item = self.store.items.pop(0)
             self.slots.put(1)
             return item
         return None
@@ -140,17 +139,16 @@ class _Sim:
         self.running = 0  # compute tasks holding a core now
         self.contention: dict[int, float] = {}
         self.coord_dropped: list[int] = []
-        self.copy_owed = [0.0] * n  # each stage's CPU for message copies, paid with its next compute
 
-    def copy_cost(self, k: int, nbytes: float) -> None:
-        """Stage k sent or received ``nbytes``: on shared cores their copies take its core for a while."""
-        if self.pool is not None:
-            self.copy_owed[k] += nbytes * self.link.cpu_s_per_byte
+    def copies(self, nbytes: float) -> None:
+        """A message of ``nbytes`` leaves: on shared cores its copies at the sending and at the
+        receiving end each want a core for a while (they run beside the stages, in gloo's threads)."""
+        if self.pool is not None and nbytes and self.link.cpu_s_per_byte:
+            for _ in range(2):
+                self.env.process(self.compute(None, nbytes * self.link.cpu_s_per_byte))
 
     def compute(self, k: int | None, seconds: float):
         t0 = self.env.now
-        if k is not None and self.copy_owed[k]:
-            seconds, self.copy_owed[k] = seconds + self.copy_owed[k], 0.0
         if seconds > 0:
             if self.pool is None:
                 yield self.env.timeout(seconds)
@@ -186,8 +184,8 @@ class _Sim:
         yield event
         yield self.env.timeout(self.link.latency_s)  # the one-number all-reduce
 
-    def links(self, capacity: int, ends: list[tuple[int, int]]) -> list[_Link]:
-        return [_Link(self, capacity, src, dst) for src, dst in ends]
+    def links(self, n: int, capacity: int) -> list[_Link]:
+        return [_Link(self, capacity) for _ in range(n)]
 
 
 def simulate(w: Workload, link: LinkCost, cores: int | None, contention: dict | None = None) -> Prediction:
@@ -200,10 +198,8 @@ def simulate(w: Workload, link: LinkCost, cores: int | None, contention: dict | 
     sim.contention = {int(n): f for n, f in (contention or {}).items()}
     n, env = len(w.stages), sim.env
     bound = in_flight_bound(w.max_in_flight)
-    last = n - 1
-    fwd = sim.links(bound, [(k, min(k + 1, last)) for k in range(n)])  # fwd[k]: stage k -> k+1
-    # back[k]: stage k+1 -> k (gradient) or last -> k (dfa error)
-    back = sim.links(bound, [(last if w.mode == "dfa" else min(k + 1, last), k) for k in range(n)])
+    fwd = sim.links(n, bound)  # fwd[k]: stage k -> k+1
+    back = sim.links(n, bound)  # back[k]: stage k+1 -> k (gradient) or last -> k (dfa error)
     runners = {
         "single": _single, "ddp": _ddp, "naive": _naive, "gpipe": _pipelined, "1f1b": _pipelined,
         "dgl": _dgl, "dgl-replay": _dgl, "dni": _dni, "dni-local": _dni, "dfa": _dfa,
@@ -255,9 +251,9 @@ def _ddp(sim: _Sim, k: int, fwd, back):
         yield from sim.compute(k, s.fwd + s.bwd)
         t0 = sim.env.now
         yield from sim.barrier(-1 - step, n)  # gradients are averaged once every replica has them
+        sim.copies(ring_bytes)  # what this replica sends in the ring, copied here and at its neighbour
         yield sim.env.timeout(ring)
         sim.busy[k] += sim.env.now - t0  # inside DDP's backward: the runtime counts it as compute
-        sim.copy_cost(k, 2 * ring_bytes)
         yield from sim.compute(k, s.opt)
     sim.end[k] = sim.env.now
 

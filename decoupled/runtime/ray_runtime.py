@@ -228,7 +228,7 @@ class _RayRun:
 
             # One actor per boundary, so no predictor waits behind another's training (or its GIL).
             # num_cpus=0: they share the workers' cores rather than holding cores of their own.
-            env = self.workers.worker_env  # the workers' settings (malloc): the coordinators train on their cores
+            env = self.workers.worker_env  # the workers' environment (sockets, malloc): they share their cores
             self.coordinators = [ray.remote(PredictorCoordinator).options(
                 num_cpus=0, max_concurrency=4, runtime_env={"env_vars": env} if env else None).remote(
                 cfg.method.model_dump(mode="json"), self.dataset.num_classes) for _ in range(cfg.split.stages - 1)]
