@@ -169,7 +169,7 @@ def simulated_step(kind: str, m: int, batch: int, per_stage: list[tuple[float, f
     stages = [StageTimes(fwd_micro=f / m, bwd_micro=b / m, out_bytes=out_bytes if k == 0 else 0.0)
               for k, (f, b) in enumerate(per_stage)]
     w = Workload(kind, stages, batch, steps=40, warmup=5, microbatches=m)
-    p = simulate(w, LinkCost(link["latency_s"], link["bandwidth_bytes_per_s"], link.get("cpu_s_per_byte", 0.0)), cores=2, contention=None)
+    p = simulate(w, LinkCost.from_profile(link), cores=2, contention=None)
     return batch / p.samples_per_sec
 
 

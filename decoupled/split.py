@@ -111,8 +111,7 @@ def block_times(blocks: list[nn.Module], sample: torch.Tensor, repeats: int = 3)
         passes.append(pass_times(copies, sample, input_grad=True))
         for block in copies:  # each pass starts without gradients, as a training step does
             block.zero_grad(set_to_none=True)
-    passes = passes[1:]
-    return [statistics.median(f + b for f, b in (times[j] for times in passes)) for j in range(len(copies))]
+    return [statistics.median(sum(times[j]) for times in passes[1:]) for j in range(len(copies))]
 
 
 def plan_split(

@@ -199,7 +199,7 @@ def plan(cfg: Config, workers: int, profile: dict, link: dict | None = None, cor
         if cfg.train.max_steps:
             steps = min(steps, cfg.train.max_steps)
     steps = max(2, min(steps, MAX_SIMULATED_STEPS))
-    cost = LinkCost(link["latency_s"], link["bandwidth_bytes_per_s"], link.get("cpu_s_per_byte", 0.0))
+    cost = LinkCost.from_profile(link)
     rows = []
     for m in methods:
         w = workload(profile, m, boundaries, cfg, steps)

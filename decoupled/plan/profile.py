@@ -323,8 +323,8 @@ def run_gloo_pair(target, *args, timeout_s: float = 120.0) -> list:
 def measure_link(sizes: tuple[int, ...] = (4096, 4 << 20), repeats: int = 20) -> dict:
     """One-way time of a gloo send between two processes on this machine: latency + bytes / bandwidth;
     and the CPU each end spends per byte it sends or receives (the copies through the loopback
-    socket, in gloo's threads: on a machine whose cores the workers share, that time is taken
-    from the stages' compute)."""
+    socket, in gloo's threads: on a machine whose cores the workers share, that time competes
+    with the stages' compute)."""
     measured = run_gloo_pair(_link_peer, sizes, repeats)
     times = next(t for t, _ in measured if t is not None)
     (s0, t0), (s1, t1) = (sizes[0], times[0]), (sizes[-1], times[-1])

@@ -42,6 +42,11 @@ class LinkCost:
     # the workers share cores, the copies need a core while the message is on its way
     cpu_s_per_byte: float = 0.0
 
+    @classmethod
+    def from_profile(cls, link: dict) -> "LinkCost":
+        """A profile's (or a stated) link; profiles saved before the copies were measured cost them nothing."""
+        return cls(link["latency_s"], link["bandwidth_bytes_per_s"], link.get("cpu_s_per_byte", 0.0))
+
     def seconds(self, nbytes: float) -> float:
         return self.latency_s + nbytes / self.bandwidth_bytes_per_s
 
