@@ -27,11 +27,17 @@ def test_single_worker_is_one_step_after_another():
 
 
 @pytest.mark.parametrize("k", [2, 4])
-def test_local_losses_pipeline_fills_once_then_runs_at_one_stage_per_step(k):
-    # stage j finishes step i at (i + j + 1) t: the run ends at (N + K - 1) t, timing starts at W t
-    t, n, w = 0.01, 40, 5
+@pytest.mark.parametrize("w", [1, 5])
+def test_local_losses_pipeline_is_timed_once_every_stage_is_past_its_warm_up(k, w):
+    # stage j finishes step i at (i + j + 1) t: the run ends at (N + K - 1) t; stage 0 starts step W
+    # at W t, but timing waits for the last stage to finish step W - 1, at (W + K - 1) t: one stage's
+    # rate, without the pipeline's fill
+    t, n = 0.01, 40
     p = _run("dgl", [StageTimes(fwd=t) for _ in range(k)], steps=n, warmup=w)
-    assert p.samples_per_sec == pytest.approx((n - w) * 10 / ((n + k - 1 - w) * t))
+    assert p.samples_per_sec == pytest.approx(10 / t)
+    # the lockstep schedules are timed from stage 0's step W: their stages are at the same step
+    lockstep = _run("gpipe", [StageTimes(fwd_micro=t) for _ in range(k)], steps=n, warmup=w, microbatches=1)
+    assert lockstep.samples_per_sec == pytest.approx(10 / (k * t))
 
 
 def test_naive_model_parallel_is_sequential_including_both_link_directions():

@@ -124,7 +124,7 @@ def test_a_slow_stage_holds_back_the_stage_before_it_only_by_the_in_flight_bound
                "stage_delay_s": {1: 0.05}},
     )))
     with RayWorkers(cfg) as workers:
-        train_ray(cfg, tmp_path / "run", dataset, workers)
+        summary = train_ray(cfg, tmp_path / "run", dataset, workers)
         fast, slow = ray_cluster.get([a.steps_timeline.remote() for a in workers.actors])
         places = ray_cluster.get([a.where.remote() for a in workers.actors])
     # every worker process started with malloc told to keep what it frees (train.keep_freed_memory)
@@ -140,6 +140,12 @@ def test_a_slow_stage_holds_back_the_stage_before_it_only_by_the_in_flight_bound
     assert max(leads) >= m  # it does run ahead: it never waits for stage 1's backward
     # and the slow stage sets the pace: stage 0 took about as long as 30 steps of 50 ms
     assert fast[-1][2] - fast[0][1] >= 0.05 * (30 - bound - 1)
+    # samples/s is the slow stage's own pace once it is past its warm-up: timing from stage 0's step 5,
+    # when stage 0 is already steps ahead, would also count the slow stage's earlier steps (~15% less)
+    warmup = cfg.train.warmup_steps
+    ends = [end for _, _, end in slow]
+    pace = (len(ends) - warmup) * 32 / (ends[-1] - ends[warmup - 1])
+    assert summary["samples_per_sec"] == pytest.approx(pace, rel=0.05)
 
 
 def test_dni_predictors_change_only_through_coordinator_pushes(ray_cluster, tmp_path):

@@ -18,7 +18,8 @@ same order, with measured durations instead of tensors:
   requests, takes cores from the same pool.
 
 Samples/s is computed as the runtime computes it: the samples from step ``warmup`` on,
-over the time from stage 0 starting that step to the last worker finishing.
+over the time from stage 0 starting that step (in a pipeline, or the last stage finishing
+step ``warmup - 1`` if later) to the last worker finishing.
 """
 
 from __future__ import annotations
@@ -139,6 +140,7 @@ class _Sim:
         self.busy = [0.0] * n
         self.end = [0.0] * n
         self.first: float | None = None  # stage 0 starts step ``warmup``
+        self.warm_end = 0.0  # a pipeline's last stage finishes step ``warmup - 1``
         self.barriers: dict[int, tuple[int, simpy.Event]] = {}
         self.coord_busy: list[float] = []
         self.running = 0  # compute tasks holding a core now
@@ -179,6 +181,11 @@ class _Sim:
     def mark(self, k: int, step: int) -> None:
         if k == 0 and step == min(self.w.warmup, self.w.steps - 1) and self.first is None:
             self.first = self.env.now
+
+    def warmed(self, k: int, step: int) -> None:
+        """Stage k has done step ``step``'s compute; the runtime's timing also waits for the last stage's warm-up."""
+        if k == len(self.w.stages) - 1 and step == min(self.w.warmup, self.w.steps - 1) - 1:
+            self.warm_end = self.env.now
 
     def barrier(self, step: int, parties: int):
         count, event = self.barriers.get(step, (0, self.env.event()))
@@ -223,7 +230,7 @@ def simulate(w: Workload, link: LinkCost, cores: int | None, contention: dict | 
     procs = [env.process(runners[w.mode](sim, k, fwd, back)) for k in range(workers)]
     env.run(until=simpy.AllOf(env, procs))
     samples = (w.steps - min(w.warmup, w.steps - 1)) * w.batch_size * (n if w.mode == "ddp" else 1)
-    span = max(sim.end[:workers]) - (sim.first or 0.0)
+    span = max(sim.end[:workers]) - max(sim.first or 0.0, sim.warm_end)
     idle = [1.0 - sim.busy[k] / sim.end[k] if sim.end[k] > 0 else 0.0 for k in range(workers)]
     total = max(sim.end[:workers]) or 1.0
     for b, started in enumerate(getattr(sim, "coord_started", [])):
@@ -276,6 +283,7 @@ def _naive(sim: _Sim, k: int, fwd, back):
             yield from fwd[k].send(step, s.out_bytes)
             yield from back[k].recv()
         yield from sim.compute(k, s.bwd + s.opt)
+        sim.warmed(k, step)
         if k > 0:
             yield from back[k - 1].send(step, w.stages[k - 1].out_bytes)
     sim.end[k] = sim.env.now
@@ -335,6 +343,8 @@ def _dgl(sim: _Sim, k: int, fwd, back):
     while (yield from (_replay_input(sim, k, fwd, buffer) if replay else _next_input(sim, k, fwd, step))):
         sim.mark(k, step)
         yield from sim.compute(k, s.fwd)
+        if not replay:  # a replayed input is an older step
+            sim.warmed(k, step)
         if k < last:
             yield from fwd[k].send(step, s.out_bytes)
         step += 1
@@ -382,6 +392,7 @@ def _dni(sim: _Sim, k: int, fwd, back):
     while (yield from _next_input(sim, k, fwd, step)):
         sim.mark(k, step)
         yield from sim.compute(k, s.fwd)
+        sim.warmed(k, step)
         if k < last:
             yield from fwd[k].send(step, s.out_bytes)
         if k > 0:
@@ -449,6 +460,7 @@ def _dfa(sim: _Sim, k: int, fwd, back):
     while (yield from _next_input(sim, k, fwd, step)):
         sim.mark(k, step)
         yield from sim.compute(k, s.fwd)
+        sim.warmed(k, step)
         if k < last:
             yield from fwd[k].send(step, s.out_bytes)
             pending = yield from _drain(sim, k, back[k], pending + 1, s.bwd + s.opt, block=False)

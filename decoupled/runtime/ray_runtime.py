@@ -517,7 +517,8 @@ def _blocks(cfg: Config) -> list[list[int]]:
 
 
 def _epoch_throughput(stats: list[dict], before: list[dict], mode: str) -> tuple[int, float]:
-    """Samples after warm-up and the wall time they took: from stage 0's first timed step to the last stage's end."""
+    """Samples after warm-up and the wall time they took: from stage 0's first timed step (and, in a
+    pipeline, the last stage's last warm-up step: ``warm_end``) to the last stage's end."""
     prev = [s["timed_samples"] for s in before] if before else [0] * len(stats)
     firsts = [s["epoch_first"] for s in stats if s.get("epoch_first") is not None]
     if not firsts:
@@ -527,7 +528,8 @@ def _epoch_throughput(stats: list[dict], before: list[dict], mode: str) -> tuple
         return sum(s["timed_samples"] - p for s, p in zip(stats, prev)), end - min(firsts)
     if stats[0].get("epoch_first") is None:
         return 0, 0.0
-    return stats[0]["timed_samples"] - prev[0], end - stats[0]["epoch_first"]
+    start = max(stats[0]["epoch_first"], stats[-1].get("warm_end") or 0.0)  # an earlier epoch's is older
+    return stats[0]["timed_samples"] - prev[0], end - start
 
 
 def _evaluate(get, actors: list) -> dict:

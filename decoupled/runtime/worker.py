@@ -338,10 +338,15 @@ class StageWorker:
         s = self.stats
         s["steps"] += 1
         s["samples"] += samples
-        if step >= min(self.cfg.train.warmup_steps, self.total_steps - 1):
+        warmup = min(self.cfg.train.warmup_steps, self.total_steps - 1)
+        if step >= warmup:
             if s["epoch_first"] is None:
                 s["epoch_first"] = s["step_started"]
             s["timed_samples"] += samples
+        elif step == warmup - 1 and self.mode in ("decoupled", "naive") and self.replay is None:
+            # a later pipeline stage's own first steps are slow too (a ResNet's last stage: 0.5 s against
+            # 0.12 s), and stage 0 may be steps ahead of it: the timing waits until it is warm as well
+            s["warm_end"] = time.time()
 
     def _inputs(self, steps: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """This stage's training inputs for one epoch, with the time spent waiting for them."""
@@ -587,6 +592,7 @@ class StageWorker:
             t = self._timed("wait_input_s", t)
             loss = self.schedule.step(x, y)
             t = self._timed("compute_s", t)
+            self.step_log.append((step, self.stats["step_started"], time.time()))
             if k != 0:
                 self.step_count += 1
             if loss is not None:
@@ -613,6 +619,7 @@ class StageWorker:
             else:
                 self.stage.step(x, y)
             t = self._timed("compute_s", t)
+            self.step_log.append((step, self.stats["step_started"], time.time()))
             self._count_step(step, x.shape[0])
             self._finish_step(step)
 
@@ -667,7 +674,7 @@ def _new_stats() -> dict:
         "steps": 0, "samples": 0, "timed_samples": 0, "compute_s": 0.0, "wait_input_s": 0.0, "wait_send_s": 0.0,
         "wait_feedback_s": 0.0, "replayed_steps": 0, "sent_samples": 0, "dropped_samples": 0, "predictor_loads": 0,
         "predictor_local_changes": 0, "checkpoint_s": 0.0,
-        "epoch_first": None, "epoch_end": None, "step_started": None,
+        "epoch_first": None, "epoch_end": None, "step_started": None, "warm_end": None,
     }
 
 
