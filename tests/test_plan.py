@@ -185,6 +185,25 @@ def test_coordinator_path_is_measured_through_ray_with_the_runtime_actor(ray_clu
     assert ray_cluster.is_initialized()  # a Ray it did not start is left running
 
 
+def test_runtime_contention_probe_times_the_stages_inside_the_runtime(ray_cluster, tiny_profile):
+    from decoupled.plan.profile import measure_runtime_contention
+
+    cfg, profile = tiny_profile
+    dgl = next(m for m in cfg.compare.methods if m.name == "dgl")
+    _, dataset = prepare(build_config(_tiny_config()))
+    factor = measure_runtime_contention(cfg, dataset, profile, dgl, steps=8)
+    assert set(factor) == {"1", "2"} and factor["1"] == 1.0
+    assert 0.3 < factor["2"] < 20.0  # a ratio of the runtime's steps to the profile's, not a placeholder
+    # a stage slowed on purpose inside the runtime (train.stage_delay_s) shows: the probe times the
+    # workers' own steps, not the profile's process
+    slowed = build_config(_tiny_config(train={"batch_size": 32, "threads": 1, "epochs": 1,
+                                              "stage_delay_s": {0: 0.05, 1: 0.05}}))
+    expected = sum(t.fwd for t in workload(profile, dgl, balanced_split(profile, 2), slowed, 8).stages)
+    delayed = measure_runtime_contention(slowed, dataset, profile, dgl, steps=8)
+    assert delayed["2"] * expected >= 0.1 + factor["2"] * expected * 0.5
+    assert ray_cluster.is_initialized()  # a Ray it did not start is left running
+
+
 def test_data_parallel_adds_the_ring_all_reduce():
     link = LinkCost(1e-4, 1e9)
     stages = [StageTimes(fwd=0.01, bwd=0.02, opt=0.001) for _ in range(4)]
