@@ -412,9 +412,9 @@ def measure_runtime_contention(cfg: Config, dataset: Dataset, profile: dict, met
     other's backward) for ``steps`` steps on the profile's balanced split of two workers through the
     Ray runtime, and compares each stage's steps after warm-up (median, from the workers' step
     timelines) with the profile's time for them, scaled by how fast this process runs the net
-    just before and after against when the profile timed it. Two bare processes stepping at once found 1.01-1.02x
-    here while the runtime's stages computed 10-18% slower than the profile: Ray's worker processes,
-    the links' threads and copies, both stages' memory traffic. Returns {"1": 1.0, "2": factor}.
+    just before and after against when the profile timed it. Bare processes stepping at once
+    (``measure_contention``) miss what the runtime adds: Ray's worker processes, the links' threads
+    and copies, both stages' memory traffic. Returns {"1": 1.0, "2": factor}.
     """
     import tempfile
 
