@@ -198,9 +198,10 @@ def test_runtime_contention_probe_times_the_stages_inside_the_runtime(ray_cluste
     # workers' own steps, not the profile's process
     slowed = build_config(_tiny_config(train={"batch_size": 32, "threads": 1, "epochs": 1,
                                               "stage_delay_s": {0: 0.05, 1: 0.05}}))
-    expected = sum(t.fwd for t in workload(profile, dgl, balanced_split(profile, 2), slowed, 8).stages)
     delayed = measure_runtime_contention(slowed, dataset, profile, dgl, steps=8)
-    assert delayed["2"] * expected >= 0.1 + factor["2"] * expected * 0.5
+    # 50 ms a step on each stage against a few ms of compute (the factor is also scaled by how fast
+    # this process runs the net now, so the delay shows through that scaling, not exactly: 21x here)
+    assert delayed["2"] > 5 * factor["2"]
     assert ray_cluster.is_initialized()  # a Ray it did not start is left running
 
 
