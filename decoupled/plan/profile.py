@@ -434,7 +434,7 @@ def measure_runtime_contention(cfg: Config, dataset: Dataset, profile: dict, met
     warmup = min(probe.train.warmup_steps, steps - 1)
     # the host's speed now against when the profile timed the blocks: one pass through the net as
     # the profile timed it, just before and just after the run (a drifting host once gave 0.85x)
-    net = copy.deepcopy(build_blocks(cfg.model, dataset.input_shape, dataset.num_classes))
+    net = build_blocks(cfg.model, dataset.input_shape, dataset.num_classes)  # new blocks: only timed
     x = dataset.train_x[:profile["batch_size"]]
     size = str(profile["batch_size"])
     then = sum(b["fwd_s"][size] + b["bwd_s"][size] for b in profile["blocks"])
