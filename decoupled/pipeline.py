@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import Config
+from .config import Config, build_config
 from .data import Dataset
 from .models import build_blocks
 from .rules import build_rule
@@ -47,6 +47,16 @@ def plan_stages(cfg: Config, dataset: Dataset) -> tuple[list[torch.nn.Module], l
     blocks = build_blocks(cfg.model, dataset.input_shape, dataset.num_classes)
     sample = dataset.train_x[: cfg.train.batch_size] if cfg.split.balance == "time" else None
     return blocks, plan_split(blocks, cfg.split, dataset.input_shape, sample)
+
+
+def fixed_split(cfg: Config, dataset: Dataset, plans: list[StagePlan] | None = None) -> Config:
+    """``cfg`` naming its split's boundaries (``plans``, or planned now), so every worker builds the
+    same stages: a time-balanced split timed in each worker could come out differently in each."""
+    if plans is None:
+        _, plans = plan_stages(cfg, dataset)
+    data = cfg.model_dump(mode="json")
+    data["split"]["boundaries"] = [p.start for p in plans[1:]]
+    return build_config(data)
 
 
 def build_stages(

@@ -11,7 +11,7 @@ from . import checkpoint
 from .config import Config, ConfigError, build_config, load_config
 from .data import Dataset, load_dataset
 from .metrics import write_json_atomic
-from .pipeline import configure_threads, plan_stages, resolve_device, steps_per_epoch
+from .pipeline import configure_threads, fixed_split, plan_stages, resolve_device, steps_per_epoch
 
 
 def as_config(config: Config | dict) -> Config:
@@ -57,9 +57,7 @@ def prepare(cfg: Config) -> tuple[Config, Dataset]:
         raise ConfigError(str(err)) from None
     if cfg.train.batch_size < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for b in blocks for m in b.modules()):
         raise ConfigError("train.batch_size: BatchNorm needs at least 2 samples per batch")
-    data = cfg.model_dump(mode="json")
-    data["split"]["boundaries"] = [p.start for p in plans[1:]]
-    return build_config(data), dataset
+    return fixed_split(cfg, dataset, plans), dataset
 
 
 def train(config: Config | dict, run_dir: Path | None = None, dataset: Dataset | None = None, workers=None,

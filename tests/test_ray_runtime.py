@@ -179,3 +179,32 @@ def test_a_request_beyond_the_cluster_is_refused_with_the_numbers(ray_cluster, t
     assert "cluster.cpus_per_worker: 2 workers x 4 CPUs = 8 CPUs, but the cluster has 2" in err
     assert ray_cluster.util.placement_group_table() == {} or all(
         pg["state"] == "REMOVED" for pg in ray_cluster.util.placement_group_table().values())
+
+
+def test_a_time_balanced_split_is_fixed_once_before_any_worker_builds_its_stage(tmp_path, monkeypatch):
+    """Each worker timing the blocks itself once split the VGG differently on two workers (the receiver
+    expected another boundary's activation shape and gloo aborted): train_ray fixes the split first."""
+    from decoupled.data import load_dataset
+    from decoupled.pipeline import plan_stages
+    from decoupled.runtime import ray_runtime
+
+    cfg = build_config(digits(tmp_path, 3, split={"stages": 3, "balance": "time"}))
+    dataset = load_dataset(cfg.data, cfg.seed)
+    seen = []
+
+    class Run:  # stands in for the run on workers: what each worker's setup would receive
+        def __init__(self, cfg, run_dir, dataset, workers):
+            seen.append(cfg)
+
+        def run(self, resume):
+            return {}
+
+    monkeypatch.setattr(ray_runtime, "_RayRun", Run)
+    train_ray(cfg, tmp_path / "run", dataset, workers=object())
+    (given,) = seen
+    assert given.split.boundaries is not None and len(given.split.boundaries) == 2
+    _, plans = plan_stages(given, dataset)  # fixed boundaries: no timing, the same split everywhere
+    assert [p.start for p in plans[1:]] == list(given.split.boundaries)
+    fixed = build_config(digits(tmp_path, 3, split={"stages": 3, "boundaries": [1, 2]}))
+    train_ray(fixed, tmp_path / "run2", dataset, workers=object())
+    assert seen[-1].split.boundaries == [1, 2]  # a split already fixed is kept

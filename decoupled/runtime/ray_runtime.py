@@ -24,7 +24,7 @@ from ..config import Config, ConfigError
 from ..data import Dataset
 from ..malloc import tunables_env
 from ..metrics import MetricsLogger, write_json_atomic
-from ..pipeline import steps_per_epoch, total_steps
+from ..pipeline import fixed_split, steps_per_epoch, total_steps
 from ..stage import NonFiniteError
 from ..stopping import RunFailed, RunStopped, StopRequest
 from .links import LinkClosed, LinkTimeout
@@ -177,6 +177,8 @@ def train_ray(cfg: Config, run_dir: Path, dataset: Dataset, workers: RayWorkers 
 
     ``resume``: a checkpoint (directory, manifest) of ``run_dir`` to continue from.
     """
+    if cfg.split.stages > 1 and cfg.split.boundaries is None:  # (``train.prepare`` has fixed it already)
+        cfg = fixed_split(cfg, dataset)  # once, here: workers timing the blocks each could split differently
     if workers is None:
         with RayWorkers(cfg) as own:
             return train_ray(cfg, run_dir, dataset, own, resume)
