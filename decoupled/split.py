@@ -60,41 +60,51 @@ def partition(costs: list[float], k: int) -> list[int]:
 
 
 def pass_times(blocks: list[nn.Module], x: torch.Tensor, input_grad: bool,
-               sync: Callable[[], None] = lambda: None) -> list[tuple[float, float]]:
+               sync: Callable[[], None] = lambda: None, chunks: int = 1) -> list[tuple[float, float]]:
     """Seconds of each block's forward and backward in one pass through all of them: forwards in
     order, each on its predecessor's output, then backwards in reverse, each on its successor's
     gradient (``input_grad``: every block also computes dL/dinput; else each gets a gradient of
     ones). Timed one block at a time on inputs made long before, the same work measured 2-4% slower
     (VGG on CPU at batch 64-128); this pass's sum came within -3.5%..+2.5% of one backward through
     the whole net (VGG and ResNet, batch 16-128).
+
+    ``chunks``: ``x`` split into that many micro-batches, all forwarded (their tensors kept) before
+    the first backward, micro-batch 0's first, as GPipe runs them; the times are per micro-batch.
+    Memory that stays in use cannot be reused while still in cache: a VGG stage's micro-batches
+    took 8-12% longer so than one at a time (CPU, 4-8 micro-batches of 16-32).
     """
-    inputs, outputs, fwd = [], [], []
-    h = x
-    for block in blocks:
-        inp = h.detach().requires_grad_(input_grad)
-        sync()
-        t0 = time.perf_counter()
-        h = block(inp)
-        sync()
-        fwd.append(time.perf_counter() - t0)
-        inputs.append(inp)
-        outputs.append(h)
+    kept, fwd = [], [0.0] * len(blocks)
+    for part in x.chunk(chunks):
+        inputs, outputs = [], []
+        h = part
+        for j, block in enumerate(blocks):
+            inp = h.detach().requires_grad_(input_grad)
+            sync()
+            t0 = time.perf_counter()
+            h = block(inp)
+            sync()
+            fwd[j] += time.perf_counter() - t0
+            inputs.append(inp)
+            outputs.append(h)
+        kept.append((inputs, outputs))
     bwd = [0.0] * len(blocks)
-    grad = torch.ones_like(outputs[-1])
-    for j in reversed(range(len(blocks))):
-        # let go of each block's tensors once it is done, as one backward through the net does:
-        # holding them all made the ResNet's pass 7% slower than a training step (fresh pages)
-        out, inp = outputs.pop(), inputs.pop()
-        sync()
-        t0 = time.perf_counter()
-        out.backward(grad)
-        sync()
-        bwd[j] = time.perf_counter() - t0
-        del out
-        if j:
-            grad = inp.grad if input_grad else torch.ones_like(outputs[-1])
-        del inp
-    return list(zip(fwd, bwd))
+    for inputs, outputs in kept:
+        grad = torch.ones_like(outputs[-1])
+        for j in reversed(range(len(blocks))):
+            # let go of each block's tensors once it is done, as one backward through the net does:
+            # holding them all made the ResNet's pass 7% slower than a training step (fresh pages)
+            out, inp = outputs.pop(), inputs.pop()
+            sync()
+            t0 = time.perf_counter()
+            out.backward(grad)
+            sync()
+            bwd[j] += time.perf_counter() - t0
+            del out
+            if j:
+                grad = inp.grad if input_grad else torch.ones_like(outputs[-1])
+            del inp
+    n = len(kept)
+    return [(f / n, b / n) for f, b in zip(fwd, bwd)]
 
 
 def block_times(blocks: list[nn.Module], sample: torch.Tensor, repeats: int = 3) -> list[float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from decoupled.cli import main
 from decoupled.config import ConfigError, build_config
 from decoupled.plan import balanced_split, load_profile, measure_profile, plan, workload
+from decoupled.plan.profile import assume_device
 from decoupled.plan.simulate import LinkCost, StageTimes, Workload, _pipeline_order, simulate
 from decoupled.train import prepare
 
@@ -287,6 +289,8 @@ def test_profile_times_every_block_size_and_rule(tiny_profile):
     for blk in profile["blocks"]:
         assert set(blk["fwd_s"]) == {"32", "16", "8"} and all(v > 0 for v in blk["fwd_s"].values())
         assert blk["flops"]["32"]["bwd"] > 0
+        # GPipe's micro-batches (M=4: 8 samples) also with the batch's others kept; 1f1b's are not
+        assert set(blk["fwd_live_s"]) == set(blk["bwd_input_live_s"]) == {"8"} and blk["fwd_live_s"]["8"] > 0
     assert profile["blocks"][0]["output_bytes"] == 4 * 4 * 4 * 4  # 4 channels at 4x4, float32
     extras = profile["boundaries"][0]["methods"]
     assert extras["dgl"]["aux_s"] > 0 and extras["cdni"]["train_s"] > 0 and extras["dfa"]["project_s"] > 0
@@ -317,6 +321,63 @@ def test_blocks_are_timed_in_a_pass_that_is_the_whole_nets_backprop():
     last = list(blocks[-1].parameters())
     torch.testing.assert_close(last[-1].grad, reference[-1])  # the last block's gradient is the same
     assert not torch.allclose(list(blocks[0].parameters())[0].grad, reference[0])
+
+
+def test_a_chunked_pass_keeps_every_micro_batch_until_the_backwards_and_sums_their_gradients():
+    import torch
+    from torch import nn
+
+    from decoupled.models import build_blocks
+    from decoupled.split import pass_times
+
+    torch.manual_seed(0)
+    blocks = build_blocks(build_config(_tiny_config()).model, (3, 8, 8), 10)
+    for block in blocks:
+        block.eval()  # BatchNorm: the same normalisation for a micro-batch as for the batch
+    x = torch.randn(16, 3, 8, 8)
+    out = nn.Sequential(*blocks)(x)
+    out.backward(torch.ones_like(out))
+    reference = [p.grad.clone() for p in nn.Sequential(*blocks).parameters()]
+    for block in blocks:
+        block.zero_grad(set_to_none=True)
+    kept = []
+    real_backward = torch.Tensor.backward
+
+    def backward(tensor, *args, **kwargs):  # how many micro-batches' outputs are alive at each backward
+        kept.append(len(outputs))
+        return real_backward(tensor, *args, **kwargs)
+
+    outputs = []
+    hooks = [blocks[-1].register_forward_hook(lambda m, i, o: outputs.append(o))]
+    torch.Tensor.backward = backward
+    try:
+        times = pass_times(blocks, x, True, chunks=4)
+    finally:
+        torch.Tensor.backward = real_backward
+        for h in hooks:
+            h.remove()
+    assert len(times) == len(blocks) and all(f > 0 and b > 0 for f, b in times)
+    assert len(outputs) == 4 and kept[0] == 4  # all four forwarded before the first backward
+    for p, ref in zip(nn.Sequential(*blocks).parameters(), reference):
+        torch.testing.assert_close(p.grad, ref)  # the micro-batches' gradients add up to the batch's
+
+
+def test_gpipe_takes_the_micro_batch_times_measured_with_the_others_kept(tiny_profile):
+    cfg, profile = tiny_profile
+    profile = copy.deepcopy(profile)
+    for blk in profile["blocks"]:  # make the kept-in-memory times stand out
+        for name in ("fwd", "bwd", "bwd_input"):
+            blk[f"{name}_live_s"]["8"] = 10 * blk[f"{name}_s"]["8"]
+    gpipe = next(m for m in cfg.compare.methods if m.label == "gpipe")
+    onef1b = next(m for m in cfg.compare.methods if m.label == "1f1b")
+    w = workload(profile, gpipe, [2], cfg, steps=8)
+    b0, b1 = profile["blocks"][0], profile["blocks"][1]
+    assert w.stages[0].fwd_micro == pytest.approx(10 * (b0["fwd_s"]["8"] + b1["fwd_s"]["8"]))
+    assert w.stages[0].bwd_micro == pytest.approx(10 * (b0["bwd_s"]["8"] + b1["bwd_input_s"]["8"]))
+    w = workload(profile, onef1b, [2], cfg, steps=8)  # 1F1B keeps at most K micro-batches: the plain times
+    assert w.stages[0].fwd_micro == pytest.approx(b0["fwd_s"]["16"] + b1["fwd_s"]["16"])
+    assumed = assume_device(profile, tflops=100.0, overhead_us=5.0)  # another device: no CPU memory effect
+    assert "fwd_live_s" not in assumed["blocks"][0]
 
 
 def test_plan_predicts_every_method_and_balances_the_split(tiny_profile):

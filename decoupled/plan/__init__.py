@@ -68,13 +68,19 @@ class Costs:
         self.p = profile
         self.blocks = profile["blocks"]
 
-    def fwd(self, a: int, b: int, size: int) -> float:
-        return sum(blk["fwd_s"][str(size)] for blk in self.blocks[a:b])
+    @staticmethod
+    def _time(blk: dict, name: str, size: int, live: bool) -> float:
+        """``live``: timed with the batch's other micro-batches kept in memory, where profiled (GPipe)."""
+        times = blk.get(f"{name}_live_s", {}) if live else {}
+        return times.get(str(size), blk[f"{name}_s"][str(size)])
 
-    def bwd(self, a: int, b: int, size: int, input_grad: bool) -> float:
+    def fwd(self, a: int, b: int, size: int, live: bool = False) -> float:
+        return sum(self._time(blk, "fwd", size, live) for blk in self.blocks[a:b])
+
+    def bwd(self, a: int, b: int, size: int, input_grad: bool, live: bool = False) -> float:
         """Backward of blocks [a, b); the first computes dL/dinput only if ``input_grad``."""
-        first = self.blocks[a]["bwd_input_s" if input_grad else "bwd_s"][str(size)]
-        return first + sum(blk["bwd_input_s"][str(size)] for blk in self.blocks[a + 1 : b])
+        first = self._time(self.blocks[a], "bwd_input" if input_grad else "bwd", size, live)
+        return first + sum(self._time(blk, "bwd_input", size, live) for blk in self.blocks[a + 1 : b])
 
     def opt(self, a: int, b: int) -> float:
         return sum(blk["opt_s"] for blk in self.blocks[a:b])
@@ -142,7 +148,10 @@ def workload(profile: dict, method, boundaries: list[int], cfg: Config, steps: i
             overhead = (profile.get("pipeline_overhead") or {}).get(mode)
             if overhead:
                 w.schedule_overhead = (overhead["per_step_s"], overhead["per_microbatch_s"])
-            t.fwd_micro, t.bwd_micro, t.opt = c.fwd(a, b, batch // m), c.bwd(a, b, batch // m, sends_grad), opt
+            # GPipe keeps every micro-batch's activations until its backward; 1F1B at most K of them
+            live = mode == "gpipe"
+            t.fwd_micro = c.fwd(a, b, batch // m, live)
+            t.bwd_micro, t.opt = c.bwd(a, b, batch // m, sends_grad, live), opt
         elif mode in ("dgl", "dgl-replay"):
             t.fwd = fwd + extra.get("aux_s", 0.0) + bwd + opt  # the whole local step
             w.replay_capacity, w.replay_max_reuse = method.replay_buffer, method.replay_max_reuse

@@ -133,26 +133,36 @@ def _measure_profile(cfg: Config, dataset: Dataset, methods: list, repeats: int,
     # Forward and backward of every block, size and variant, timed inside a pass through the whole
     # net (as a stage runs its blocks: each one's input and gradient just made by its neighbour),
     # in rounds: a machine whose speed drifts (a shared host) then shifts every block alike.
-    samples: dict[tuple[int, int, bool], tuple[list[float], list[float]]] = {}
+    # GPipe's micro-batches are timed a second way too, all of a batch's forwarded before their
+    # backwards (``_live`` times): what the schedule keeps in memory slows its compute down
+    kept = sorted(s for s in sizes if s < batch and any(getattr(m, "schedule", None) == "gpipe" and
+                                                       batch // m.microbatches == s for m in methods))
+    samples: dict[tuple[int, int, bool, bool], tuple[list[float], list[float]]] = {}
     for r in range(repeats + 1 if timed else 0):
-        for size in sizes:
+        runs = [(size, False) for size in sizes] + [(size, True) for size in kept]
+        for size, live in runs:
             for input_grad in (False, True):
-                times = pass_times(blocks, net_input[:size], input_grad, sync)
+                times = pass_times(blocks, net_input[:batch if live else size], input_grad, sync,
+                                   chunks=batch // size if live else 1)
                 if r:  # round 0 warms up
                     for j, (fwd, bwd) in enumerate(times):
-                        samples.setdefault((j, size, input_grad), ([], []))
-                        samples[(j, size, input_grad)][0].append(fwd)
-                        samples[(j, size, input_grad)][1].append(bwd)
+                        samples.setdefault((j, size, live, input_grad), ([], []))
+                        samples[(j, size, live, input_grad)][0].append(fwd)
+                        samples[(j, size, live, input_grad)][1].append(bwd)
     for j, entry in enumerate(out_blocks):
-        for size in sizes:
+        for size, live in [(size, False) for size in sizes] + [(size, True) for size in kept]:
+            suffix = "_live_s" if live else "_s"
+            for name in ("fwd", "bwd", "bwd_input"):
+                entry.setdefault(name + suffix, {})
             if timed:
-                fwd, bwd = samples[(j, size, False)]
-                fwd_input, bwd_input = samples[(j, size, True)]
-                entry["fwd_s"][str(size)] = statistics.median(fwd + fwd_input)
-                entry["bwd_s"][str(size)] = statistics.median(bwd)
-                entry["bwd_input_s"][str(size)] = statistics.median(bwd_input)
+                fwd, bwd = samples[(j, size, live, False)]
+                fwd_input, bwd_input = samples[(j, size, live, True)]
+                entry["fwd" + suffix][str(size)] = statistics.median(fwd + fwd_input)
+                entry["bwd" + suffix][str(size)] = statistics.median(bwd)
+                entry["bwd_input" + suffix][str(size)] = statistics.median(bwd_input)
             else:
-                entry["fwd_s"][str(size)] = entry["bwd_s"][str(size)] = entry["bwd_input_s"][str(size)] = 0.0
+                for name in ("fwd", "bwd", "bwd_input"):
+                    entry[name + suffix][str(size)] = 0.0
         blocks[j].zero_grad(set_to_none=True)
     coordinated = [m for m in methods if isinstance(m, DNIMethod) and m.predictor_training == "coordinator"]
     if (link if coordinator is None else coordinator) and timed and coordinated and boundaries:
@@ -673,6 +683,8 @@ def assume_device(profile: dict, tflops: float, overhead_us: float, memory_gbyte
             blk["fwd_s"][size] = f["fwd"] / rate + blk["layers"] * over
             blk["bwd_input_s"][size] = f["bwd"] / rate + blk["layers"] * over
             blk["bwd_s"][size] = f["bwd_noinput"] / rate + blk["layers"] * over
+        for name in ("fwd_live_s", "bwd_live_s", "bwd_input_live_s"):  # this machine's memory effect
+            blk.pop(name, None)
         blk["opt_s"] = 16 * blk["params"] / mem + 3 * over  # read weight, gradient, momentum; write two
         blk["clone_s"] = 8 * blk["params"] / mem + over
     for boundary in out["boundaries"]:
