@@ -70,8 +70,8 @@ def pass_times(blocks: list[nn.Module], x: torch.Tensor, input_grad: bool,
 
     ``chunks``: ``x`` split into that many micro-batches, all forwarded (their tensors kept) before
     the first backward, micro-batch 0's first, as GPipe runs them; the times are per micro-batch.
-    Memory that stays in use cannot be reused while still in cache: a VGG stage's micro-batches
-    took 8-12% longer so than one at a time (CPU, 4-8 micro-batches of 16-32).
+    Memory still in use cannot be reused while it is in cache: a VGG stage's 4-8 micro-batches
+    of 16-32 took 5-12% longer so than one at a time on CPU (in this whole-net pass, -1..+7%).
     """
     kept, fwd = [], [0.0] * len(blocks)
     for part in x.chunk(chunks):

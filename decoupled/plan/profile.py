@@ -135,11 +135,11 @@ def _measure_profile(cfg: Config, dataset: Dataset, methods: list, repeats: int,
     # in rounds: a machine whose speed drifts (a shared host) then shifts every block alike.
     # GPipe's micro-batches are timed a second way too, all of a batch's forwarded before their
     # backwards (``_live`` times): what the schedule keeps in memory slows its compute down
-    kept = sorted(s for s in sizes if s < batch and any(getattr(m, "schedule", None) == "gpipe" and
-                                                       batch // m.microbatches == s for m in methods))
+    gpipe_sizes = sorted({batch // m.microbatches for m in methods
+                          if getattr(m, "schedule", None) == "gpipe" and m.microbatches > 1})
+    runs = [(size, False) for size in sizes] + [(size, True) for size in gpipe_sizes]
     samples: dict[tuple[int, int, bool, bool], tuple[list[float], list[float]]] = {}
     for r in range(repeats + 1 if timed else 0):
-        runs = [(size, False) for size in sizes] + [(size, True) for size in kept]
         for size, live in runs:
             for input_grad in (False, True):
                 times = pass_times(blocks, net_input[:batch if live else size], input_grad, sync,
@@ -150,7 +150,7 @@ def _measure_profile(cfg: Config, dataset: Dataset, methods: list, repeats: int,
                         samples[(j, size, live, input_grad)][0].append(fwd)
                         samples[(j, size, live, input_grad)][1].append(bwd)
     for j, entry in enumerate(out_blocks):
-        for size, live in [(size, False) for size in sizes] + [(size, True) for size in kept]:
+        for size, live in runs:
             suffix = "_live_s" if live else "_s"
             for name in ("fwd", "bwd", "bwd_input"):
                 entry.setdefault(name + suffix, {})
