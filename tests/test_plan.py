@@ -296,21 +296,34 @@ def test_profile_times_every_block_size_and_rule(tiny_profile):
     assert extras["dgl"]["aux_s"] > 0 and extras["cdni"]["train_s"] > 0 and extras["dfa"]["project_s"] > 0
 
 
-def test_blocks_are_timed_in_a_pass_that_is_the_whole_nets_backprop():
+def _blocks_and_whole_net_gradients(train: bool = True):
+    """The tiny config's blocks, an input, and the parameters' gradients of one backward through
+    the whole net (with a gradient of ones); the blocks' own gradients are cleared after."""
     import torch
     from torch import nn
 
     from decoupled.models import build_blocks
-    from decoupled.split import pass_times
 
     torch.manual_seed(0)
     blocks = build_blocks(build_config(_tiny_config()).model, (3, 8, 8), 10)
+    for block in blocks:
+        block.train(train)
     x = torch.randn(16, 3, 8, 8)
     out = nn.Sequential(*blocks)(x)
     out.backward(torch.ones_like(out))
     reference = [p.grad.clone() for p in nn.Sequential(*blocks).parameters()]
     for block in blocks:
         block.zero_grad(set_to_none=True)
+    return blocks, x, reference
+
+
+def test_blocks_are_timed_in_a_pass_that_is_the_whole_nets_backprop():
+    import torch
+    from torch import nn
+
+    from decoupled.split import pass_times
+
+    blocks, x, reference = _blocks_and_whole_net_gradients()
     times = pass_times(blocks, x, True)
     assert len(times) == len(blocks) and all(f > 0 and b > 0 for f, b in times)
     for p, ref in zip(nn.Sequential(*blocks).parameters(), reference):
@@ -327,19 +340,10 @@ def test_a_chunked_pass_keeps_every_micro_batch_until_the_backwards_and_sums_the
     import torch
     from torch import nn
 
-    from decoupled.models import build_blocks
     from decoupled.split import pass_times
 
-    torch.manual_seed(0)
-    blocks = build_blocks(build_config(_tiny_config()).model, (3, 8, 8), 10)
-    for block in blocks:
-        block.eval()  # BatchNorm: the same normalisation for a micro-batch as for the batch
-    x = torch.randn(16, 3, 8, 8)
-    out = nn.Sequential(*blocks)(x)
-    out.backward(torch.ones_like(out))
-    reference = [p.grad.clone() for p in nn.Sequential(*blocks).parameters()]
-    for block in blocks:
-        block.zero_grad(set_to_none=True)
+    # eval: BatchNorm normalises a micro-batch as it does the batch, so the gradients can add up
+    blocks, x, reference = _blocks_and_whole_net_gradients(train=False)
     kept = []
     real_backward = torch.Tensor.backward
 
