@@ -151,18 +151,14 @@ def _measure_profile(cfg: Config, dataset: Dataset, methods: list, repeats: int,
                         samples[(j, size, live, input_grad)][1].append(bwd)
     for j, entry in enumerate(out_blocks):
         for size, live in runs:
-            suffix = "_live_s" if live else "_s"
-            for name in ("fwd", "bwd", "bwd_input"):
-                entry.setdefault(name + suffix, {})
+            values = dict.fromkeys(("fwd", "bwd", "bwd_input"), 0.0)
             if timed:
                 fwd, bwd = samples[(j, size, live, False)]
                 fwd_input, bwd_input = samples[(j, size, live, True)]
-                entry["fwd" + suffix][str(size)] = statistics.median(fwd + fwd_input)
-                entry["bwd" + suffix][str(size)] = statistics.median(bwd)
-                entry["bwd_input" + suffix][str(size)] = statistics.median(bwd_input)
-            else:
-                for name in ("fwd", "bwd", "bwd_input"):
-                    entry[name + suffix][str(size)] = 0.0
+                values = {"fwd": statistics.median(fwd + fwd_input), "bwd": statistics.median(bwd),
+                          "bwd_input": statistics.median(bwd_input)}
+            for name, value in values.items():
+                entry.setdefault(name + ("_live_s" if live else "_s"), {})[str(size)] = value
         blocks[j].zero_grad(set_to_none=True)
     coordinated = [m for m in methods if isinstance(m, DNIMethod) and m.predictor_training == "coordinator"]
     if (link if coordinator is None else coordinator) and timed and coordinated and boundaries:
@@ -439,6 +435,8 @@ def measure_runtime_contention(cfg: Config, dataset: Dataset, profile: dict, met
     data["split"] = {**data["split"], "stages": 2, "boundaries": boundaries}
     data["train"] = {**data["train"], "epochs": 1, "max_steps": steps, "progress": False}
     data["checkpoint"] = {**data["checkpoint"], "enabled": False}
+    tmp = tempfile.TemporaryDirectory()
+    data["output"] = {**data["output"], "dir": tmp.name, "tensorboard": False}
     probe = build_config(data)
     expected = [t.fwd for t in workload(profile, method, boundaries, probe, steps).stages]
     warmup = min(probe.train.warmup_steps, steps - 1)
@@ -455,14 +453,11 @@ def measure_runtime_contention(cfg: Config, dataset: Dataset, profile: dict, met
             block.zero_grad(set_to_none=True)
         return statistics.median(passes[1:]) / then  # the first warms up
 
-    with tempfile.TemporaryDirectory() as tmp:
-        probe = probe.model_copy(update={"output": probe.output.model_copy(update={"dir": Path(tmp),
-                                                                                   "tensorboard": False})})
-        with RayWorkers(probe) as workers:
-            before = speed()
-            train_ray(probe, Path(tmp) / "probe", dataset, workers)
-            after = speed()
-            timelines = _ray().get([a.steps_timeline.remote() for a in workers.actors], timeout=probe.links.timeout_s)
+    with tmp, RayWorkers(probe) as workers:
+        before = speed()
+        train_ray(probe, Path(tmp.name) / "probe", dataset, workers)
+        after = speed()
+        timelines = _ray().get([a.steps_timeline.remote() for a in workers.actors], timeout=probe.links.timeout_s)
     measured = [statistics.median(end - start for step, start, end in tl if step >= warmup) for tl in timelines]
     return {"1": 1.0, "2": sum(measured) / (sum(expected) * (before + after) / 2)}
 
