@@ -12,12 +12,15 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import decoupled
 from decoupled import checkpoint
+from decoupled.runtime.links import LinkClosed
+from decoupled.runtime.ray_runtime import WorkerFailure, _RayRun
 from decoupled.stage import NonFiniteError
 from decoupled.stopping import RunFailed, RunStopped
 
@@ -124,6 +127,29 @@ def test_a_stage_that_keeps_failing_stops_the_run_naming_it(ray_cluster, tmp_pat
     with pytest.raises(RunFailed, match=r"stage 1 failed 1 times \(recovery.max_restarts: 0\); "
                                         r"last failure near step \d+: worker process died"):
         decoupled.train(digits(tmp_path, {"name": "dgl"}, recovery={"max_restarts": 0}))
+
+
+def test_a_lost_connection_is_blamed_on_the_peer_as_a_death_once_ray_sees_the_peer_gone(ray_cluster):
+    """The survivor's broken link is seen first; the report must still say the peer's process died."""
+    # (defined here: Ray workers cannot import the tests' modules, so the classes travel by value)
+    class SlowToDieStage:  # a killed stage whose death Ray notices only after the driver's first look
+        def train_epoch(self, epoch: int) -> None:
+            time.sleep(10.0)  # well past the moment (5 s) the driver gives every call before picking a culprit
+            os._exit(1)
+
+    class SurvivorStage:
+        def train_epoch(self, epoch: int) -> None:
+            raise LinkClosed("link stage0->stage1 (peer rank 0) failed: Connection reset by peer", peer=0)
+
+    actors = [ray_cluster.remote(num_cpus=0)(cls).remote() for cls in (SlowToDieStage, SurvivorStage)]
+    run = _RayRun.__new__(_RayRun)
+    run.ray, run.workers = ray_cluster, SimpleNamespace(actors=actors)
+    refs = [a.train_epoch.remote(0) for a in actors]
+    ray_cluster.wait(refs[1:], timeout=30)
+    with pytest.raises(WorkerFailure) as failed:
+        run._get_all(refs[1:], 30, 7, refs)
+    assert failed.value.rank == 0
+    assert failed.value.cause.startswith("worker process died") and failed.value.cause.endswith("(at step 7)")
 
 
 def test_a_peer_that_never_answers_is_reported_within_the_timeout(ray_cluster, tmp_path):

@@ -418,30 +418,44 @@ class _RayRun:
         # find the culprit: give every call of this round a moment to finish or fail
         candidates = all_refs or refs
         ray.wait(candidates, num_returns=len(candidates), timeout=min(5.0, timeout))
-        failures: list[tuple[int, int, str]] = []  # (priority, rank, cause)
-        for i, ref in enumerate(candidates):
-            rank = self._rank_of(i, len(candidates))
-            try:
-                ray.get(ref, timeout=0)
-            except RayActorError as err:
-                failures.append((0, rank, f"worker process died ({type(err).__name__}: {_first_line(err)})"))
-            except RayTaskError as err:
-                cause = err.cause
-                if isinstance(cause, (NonFiniteError, ConfigError, checkpoint.CheckpointError, RunFailed)):
-                    raise cause from None
-                if isinstance(cause, LinkTimeout) and cause.peer is not None:  # the stuck peer is to blame
-                    failures.append((1, cause.peer, f"stuck: {cause}"))
-                elif isinstance(cause, LinkClosed) and cause.peer is not None:  # its connection to us broke
-                    failures.append((1, cause.peer, f"connection lost: {cause}"))
-                else:
-                    failures.append((2, rank, f"{type(cause).__name__}: {cause}"))
-            except GetTimeoutError:
-                continue
+        ranks = [self._rank_of(i, len(candidates)) for i in range(len(candidates))]
+        failures = [f for ref, rank in zip(candidates, ranks) if (f := self._failure_of(ref, rank)) is not None]
+        if failures and min(failures)[2].startswith("connection lost"):
+            # A peer's connection to us broke, but its own call has not failed (yet): Ray can take longer
+            # than the moment above to notice a killed process on a loaded host. Wait for it to say so.
+            blamed = min(failures)[1]
+            own = [ref for ref, rank in zip(candidates, ranks) if rank == blamed]
+            if own and not ray.wait(own, timeout=0)[0]:
+                ray.wait(own, timeout=min(30.0, timeout))
+                if (seen := self._failure_of(own[0], blamed)) is not None:
+                    failures.append(seen)
         if not failures:  # nobody failed, somebody did not answer: blame the first of those
             late = next((i for i, ref in enumerate(candidates) if not ray.wait([ref], timeout=0)[0]), 0)
             failures.append((3, self._rank_of(late, len(candidates)), f"no answer within {timeout:g} s"))
         _, rank, cause = min(failures)
         raise WorkerFailure(rank, f"{cause} (at step {step})" if step is not None else cause)
+
+    def _failure_of(self, ref, rank: int) -> tuple[int, int, str] | None:
+        """(priority, blamed rank, cause) of a failed call, lowest priority first to blame; None while it
+        runs or when it succeeded. Raises what a restart cannot cure."""
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+        try:
+            self.ray.get(ref, timeout=0)
+        except RayActorError as err:
+            return 0, rank, f"worker process died ({type(err).__name__}: {_first_line(err)})"
+        except RayTaskError as err:
+            cause = err.cause
+            if isinstance(cause, (NonFiniteError, ConfigError, checkpoint.CheckpointError, RunFailed)):
+                raise cause from None
+            if isinstance(cause, LinkTimeout) and cause.peer is not None:  # the stuck peer is to blame
+                return 1, cause.peer, f"stuck: {cause}"
+            if isinstance(cause, LinkClosed) and cause.peer is not None:  # its connection to us broke
+                return 1, cause.peer, f"connection lost: {cause}"
+            return 2, rank, f"{type(cause).__name__}: {cause}"
+        except GetTimeoutError:
+            return None
+        return None
 
     def _rank_of(self, i: int, n: int) -> int:
         if n == len(self.workers.actors):
