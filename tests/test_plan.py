@@ -90,6 +90,18 @@ def test_measured_contention_slows_tasks_that_run_together():
         _run("naive", naive, cores=2).samples_per_sec)
 
 
+def test_contention_slows_a_task_only_while_another_runs_beside_it():
+    # stage 1 (30 ms) always runs; stage 0's 10 ms run beside it, at 1.5x: 15 ms. Stage 1 is slowed
+    # for those 15 ms only, doing 10 ms of its work in them: 15 + 20 ms a step
+    f = 1.5
+    p = _run("dgl", [StageTimes(fwd=0.01), StageTimes(fwd=0.03)], steps=400, cores=2, contention={"2": f})
+    assert p.samples_per_sec == pytest.approx(10 / (0.01 * f + 0.02), rel=0.01)
+    # three at once on three cores, interpolated halfway to the measured 4: everyone at 1.25x
+    three = [StageTimes(fwd=0.02) for _ in range(3)]
+    q = _run("ddp", three, steps=100, cores=3, contention={"2": 1.0, "4": 1.5})
+    assert q.samples_per_sec == pytest.approx(30 / (0.02 * 1.25), rel=1e-6)
+
+
 def test_message_copies_take_core_time_at_both_ends_only_on_shared_cores():
     # each batch's 1 MB costs 10 ms of CPU at the sender and 10 ms at the receiver: on two shared
     # cores, 2 x 20 ms of compute and 20 ms of copies per batch take 30 ms; with a core to spare,
@@ -205,6 +217,27 @@ def test_runtime_contention_probe_times_the_stages_inside_the_runtime(ray_cluste
     # this process runs the net now, so the delay shows through that scaling, not exactly: 21x here)
     assert delayed["2"] > 5 * factor["2"]
     assert ray_cluster.is_initialized()  # a Ray it did not start is left running
+
+
+def test_pair_slowdown_counts_only_the_part_of_a_step_another_stage_computes_beside_it():
+    from decoupled.plan.profile import pair_slowdown, step_overlaps
+
+    def steps(offset, n=10, period=0.2, length=0.1):
+        return [(i, offset + i * period, offset + i * period + length) for i in range(n)]
+
+    def slowdown(timelines, speed=1.0):
+        return pair_slowdown(step_overlaps(timelines, 2), [0.08, 0.08], speed)
+
+    # two stages computing at the same times: 100 ms steps for 80 ms of work each, 1.25x
+    assert step_overlaps([steps(0.0), steps(0.05)], 2) == [pytest.approx((0.1, 0.5))] * 2
+    assert slowdown([steps(0.0), steps(0.0)]) == pytest.approx(1.25)
+    # half of each step beside the other: 50 ms alone do 50 ms of work, the other 50 ms only 30 ms
+    # of it, so two at once run at 1/0.6 (the whole step's plain ratio, 1.25, would understate it)
+    assert slowdown([steps(0.0), steps(0.05)]) == pytest.approx(0.05 / 0.03)
+    # the host runs everything 10% slower now than when the profile was timed: that is not contention
+    assert slowdown([steps(0.0), steps(0.05)], speed=1.1) == pytest.approx(0.05 / (0.088 - 0.05))
+    # barely overlapped (10%): contention cannot be told from overhead, the plain ratio stands
+    assert slowdown([steps(0.0), steps(0.09)]) == pytest.approx(1.25)
 
 
 def test_data_parallel_adds_the_ring_all_reduce():

@@ -143,7 +143,9 @@ class _Sim:
         self.warm_end = 0.0  # a pipeline's last stage finishes step ``warmup - 1``
         self.barriers: dict[int, tuple[int, simpy.Event]] = {}
         self.coord_busy: list[float] = []
-        self.running = 0  # compute tasks holding a core now
+        self.remaining: dict = {}  # compute tasks holding a core now -> their work left (seconds alone)
+        self.rate_factor = 1.0  # how much slower than alone they all run now
+        self.settled_at = 0.0
         self.contention: dict[int, float] = {}
         self.coord_dropped: list[int] = []
 
@@ -162,13 +164,45 @@ class _Sim:
             else:
                 with self.pool.request() as req:
                     yield req
-                    self.running += 1
-                    try:
-                        yield self.env.timeout(seconds * self.slowdown(self.running))
-                    finally:
-                        self.running -= 1
+                    yield from self._shared(seconds)
         if k is not None:
             self.busy[k] += self.env.now - t0
+
+    def _shared(self, work: float):
+        """Do ``work`` seconds of one core's compute while other tasks may run beside it: every
+        running task progresses at 1 / slowdown(tasks running), re-rated whenever one starts or
+        ends (a task overlapped for half its time is slowed for that half only)."""
+        me = self.env.active_process
+        self._settle()
+        self.remaining[me] = work
+        self._rerate(me)
+        while True:
+            try:
+                yield self.env.timeout(max(0.0, self.remaining[me]) * self.rate_factor)
+                break
+            except simpy.Interrupt:  # a task started or ended: ``remaining`` is settled, wait anew
+                continue
+        self._settle()
+        del self.remaining[me]
+        self._rerate(me)
+
+    def _settle(self) -> None:
+        """Bring every running task's remaining work up to now at the factor it has run at."""
+        elapsed = self.env.now - self.settled_at
+        if elapsed > 0:
+            for task in self.remaining:
+                self.remaining[task] -= elapsed / self.rate_factor
+        self.settled_at = self.env.now
+
+    def _rerate(self, changed) -> None:
+        """The number of running tasks changed (``changed`` started or ended): at a new rate, the
+        others wait anew."""
+        factor = self.slowdown(len(self.remaining)) if self.remaining else 1.0
+        if factor != self.rate_factor:
+            self.rate_factor = factor
+            for task in self.remaining:
+                if task is not changed:
+                    task.interrupt()
 
     def slowdown(self, running: int) -> float:
         """Linear between the measured points (1 task: 1.0)."""
@@ -204,7 +238,8 @@ def simulate(w: Workload, link: LinkCost, cores: int | None, contention: dict | 
     """Run ``w`` on workers that share ``cores`` cores (None: each has its own device).
 
     ``contention``: {tasks running at once: slowdown} measured on the machine (see
-    ``profile.measure_contention``); a task runs at the slowdown of the tasks running when it starts.
+    ``profile.measure_contention``); running tasks progress at the slowdown of how many run at once,
+    re-rated whenever one starts or ends.
     """
     sim = _Sim(w, link, cores)
     sim.contention = {int(n): f for n, f in (contention or {}).items()}
