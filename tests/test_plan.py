@@ -236,6 +236,11 @@ def test_pair_slowdown_counts_only_the_part_of_a_step_another_stage_computes_bes
     assert slowdown([steps(0.0), steps(0.05)]) == pytest.approx(0.05 / 0.03)
     # the host runs everything 10% slower now than when the profile was timed: that is not contention
     assert slowdown([steps(0.0), steps(0.05)], speed=1.1) == pytest.approx(0.05 / (0.088 - 0.05))
+    # one step in ten twice as long: throughput pays for it, so the mean counts it (a median would not)
+    slow = steps(0.0, n=12)
+    slow[6] = (6, slow[6][1], slow[6][1] + 0.2)
+    # (the other stage's step 6 ends halfway, its step 7 starts as this one ends: the rest runs alone)
+    assert step_overlaps([slow, steps(0.0, n=12)], 2)[0] == pytest.approx((0.11, 1.0 / 1.1))
     # barely overlapped (10%): contention cannot be told from overhead, the plain ratio stands
     assert slowdown([steps(0.0), steps(0.09)]) == pytest.approx(1.25)
 

@@ -413,14 +413,14 @@ def measure_contention(cfg: Config, dataset: Dataset, workers: int, rounds: int 
     return {"1": 1.0, str(workers): statistics.median(t / a for a, t in zip(alone, together))}
 
 
-def measure_runtime_contention(cfg: Config, dataset: Dataset, profile: dict, method, steps: int = 24,
+def measure_runtime_contention(cfg: Config, dataset: Dataset, profile: dict, method, steps: int = 48,
                                record: dict | None = None) -> dict:
     """How much slower stages compute in the runtime's own workers, two training at once and
     exchanging activations, than the profile timed them alone in its process.
 
     Runs ``method`` (a ``dgl`` method the profile timed: each stage computes without waiting for the
     other's backward) for ``steps`` steps on the profile's balanced split of two workers through the
-    Ray runtime, and compares each stage's steps after warm-up (median, from the workers' step
+    Ray runtime, and compares each stage's steps after warm-up (mean, from the workers' step
     timelines) with the profile's time for them, scaled by how fast this process runs the net
     just before and after against when the profile timed it, and weighed by how much of each step
     the other stage was computing (``pair_slowdown``). Bare processes stepping at once
@@ -472,15 +472,19 @@ def measure_runtime_contention(cfg: Config, dataset: Dataset, profile: dict, met
 
 
 def step_overlaps(timelines: list[list[tuple[int, float, float]]], warmup: int) -> list[tuple[float, float]]:
-    """Per stage: its median step (seconds, from ``warmup`` on) and the median fraction of its steps
-    that another stage was computing beside it (timelines: (step, start, end) on one clock)."""
+    """Per stage: its mean step (seconds, from ``warmup`` on) and the fraction of that time another
+    stage was computing beside it (timelines: (step, start, end) on one clock).
+
+    The mean, not the median: throughput pays for the occasional slow step too, and on cores that
+    both stages keep busy those come from everything else on the host (Ray's own processes)."""
     out = []
     for k, timeline in enumerate(timelines):
         others = [(start, end) for j, tl in enumerate(timelines) if j != k for _, start, end in tl]
         steps = [(start, end) for step, start, end in timeline if step >= warmup and end > start]
-        overlapped = [sum(max(0.0, min(end, o_end) - max(start, o_start)) for o_start, o_end in others) / (end - start)
-                      for start, end in steps]
-        out.append((statistics.median(end - start for start, end in steps), statistics.median(overlapped)))
+        total = sum(end - start for start, end in steps)
+        beside = sum(max(0.0, min(end, o_end) - max(start, o_start))
+                     for start, end in steps for o_start, o_end in others)
+        out.append((total / len(steps), beside / total))
     return out
 
 
