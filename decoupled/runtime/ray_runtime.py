@@ -163,6 +163,11 @@ class RayWorkers:
             self.pg = None
 
 
+# Whom a failed round blames, most certain first: a dead process, a peer whose connection to us broke
+# (likely dead too), a stuck peer, a worker's own error, a worker that did not answer.
+_DIED, _LOST_CONNECTION, _STUCK, _ERROR, _NO_ANSWER = range(5)
+
+
 class WorkerFailure(Exception):
     """A stage worker died or failed in a way a restart from the last checkpoint can cure."""
 
@@ -420,7 +425,7 @@ class _RayRun:
         ray.wait(candidates, num_returns=len(candidates), timeout=min(5.0, timeout))
         ranks = [self._rank_of(i, len(candidates)) for i in range(len(candidates))]
         failures = [f for ref, rank in zip(candidates, ranks) if (f := self._failure_of(ref, rank)) is not None]
-        if failures and min(failures)[2].startswith("connection lost"):
+        if failures and min(failures)[0] == _LOST_CONNECTION:
             # A peer's connection to us broke, but its own call has not failed (yet): Ray can take longer
             # than the moment above to notice a killed process on a loaded host. Wait for it to say so.
             blamed = min(failures)[1]
@@ -431,28 +436,28 @@ class _RayRun:
                     failures.append(seen)
         if not failures:  # nobody failed, somebody did not answer: blame the first of those
             late = next((i for i, ref in enumerate(candidates) if not ray.wait([ref], timeout=0)[0]), 0)
-            failures.append((3, self._rank_of(late, len(candidates)), f"no answer within {timeout:g} s"))
+            failures.append((_NO_ANSWER, ranks[late], f"no answer within {timeout:g} s"))
         _, rank, cause = min(failures)
         raise WorkerFailure(rank, f"{cause} (at step {step})" if step is not None else cause)
 
     def _failure_of(self, ref, rank: int) -> tuple[int, int, str] | None:
-        """(priority, blamed rank, cause) of a failed call, lowest priority first to blame; None while it
-        runs or when it succeeded. Raises what a restart cannot cure."""
+        """(blame priority, blamed rank, cause) of a failed call; None while it runs or when it
+        succeeded. Raises what a restart cannot cure."""
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
         try:
             self.ray.get(ref, timeout=0)
         except RayActorError as err:
-            return 0, rank, f"worker process died ({type(err).__name__}: {_first_line(err)})"
+            return _DIED, rank, f"worker process died ({type(err).__name__}: {_first_line(err)})"
         except RayTaskError as err:
             cause = err.cause
             if isinstance(cause, (NonFiniteError, ConfigError, checkpoint.CheckpointError, RunFailed)):
                 raise cause from None
             if isinstance(cause, LinkTimeout) and cause.peer is not None:  # the stuck peer is to blame
-                return 1, cause.peer, f"stuck: {cause}"
+                return _STUCK, cause.peer, f"stuck: {cause}"
             if isinstance(cause, LinkClosed) and cause.peer is not None:  # its connection to us broke
-                return 1, cause.peer, f"connection lost: {cause}"
-            return 2, rank, f"{type(cause).__name__}: {cause}"
+                return _LOST_CONNECTION, cause.peer, f"connection lost: {cause}"
+            return _ERROR, rank, f"{type(cause).__name__}: {cause}"
         except GetTimeoutError:
             return None
         return None
