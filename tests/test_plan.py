@@ -243,6 +243,9 @@ def test_pair_slowdown_counts_only_the_part_of_a_step_another_stage_computes_bes
     assert step_overlaps([slow, steps(0.0, n=12)], 2)[0] == pytest.approx((0.11, 1.0 / 1.1))
     # barely overlapped (10%): contention cannot be told from overhead, the plain ratio stands
     assert slowdown([steps(0.0), steps(0.09)]) == pytest.approx(1.25)
+    # each step's 50 ms alone already do 50 of its 55 ms of work, so its 50 ms beside the other would
+    # run 10x slower: overhead, not two tasks on two cores (at most 2x); the plain ratio stands
+    assert pair_slowdown(step_overlaps([steps(0.0), steps(0.05)], 2), [0.055, 0.055], 1.0) == pytest.approx(0.2 / 0.11)
 
 
 def test_data_parallel_adds_the_ring_all_reduce():

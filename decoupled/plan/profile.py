@@ -495,14 +495,19 @@ def pair_slowdown(overlaps: list[tuple[float, float]], expected: list[float], sp
 
     A stage that waits for its input is overlapped for only part of its step; taking the whole
     step as slowed would understate what two stages computing all the time (data parallel, replay)
-    lose. Hardly overlapped steps (under 20%) cannot tell contention from overhead: the plain ratio.
+    lose. Where the steps cannot be read that way, the plain ratio of the whole steps: hardly
+    overlapped (under 20%), or slower alone than the profile's whole step, or a factor over 2 (two
+    tasks on two cores run no slower than sharing one: past that, what slows them is overhead
+    outside the overlap, as in a tiny net's steps on a loaded host).
     """
     beside = sum(d * o for d, o in overlaps)
     alone = sum(d * (1 - o) for d, o in overlaps)
     work = sum(expected) * speed  # the steps' compute at the host's speed now: what they take alone
+    plain = (alone + beside) / work
     if beside < 0.2 * (alone + beside) or work <= alone:
-        return (alone + beside) / work
-    return beside / (work - alone)
+        return plain
+    factor = beside / (work - alone)
+    return factor if factor <= 2.0 else plain
 
 
 def _contention_worker(rank: int, model: dict, shape: tuple, classes: int, batch: int, threads: int, rounds: int,
