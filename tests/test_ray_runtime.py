@@ -115,6 +115,25 @@ def test_every_mode_trains_digits_like_the_inprocess_runner(ray_cluster, tmp_pat
     assert (Path(result["parent"]) / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_naive_stage_logs_its_backward_as_compute_of_the_step(ray_cluster, tmp_path):
+    """steps_compute: what the planner's one-stage-at-a-time factor rests on (profile.stage_alone_factor)."""
+    cfg, dataset = prepare(build_config(digits(
+        tmp_path, 2, method={"name": "backprop", "schedule": "naive"},
+        train={"epochs": 1, "max_steps": 12, "batch_size": 32, "threads": 1, "progress": False},
+    )))
+    with RayWorkers(cfg) as workers:
+        train_ray(cfg, tmp_path / "run", dataset, workers)
+        timelines = ray_cluster.get([a.steps_timeline.remote() for a in workers.actors])
+        computed = ray_cluster.get([a.steps_compute.remote() for a in workers.actors])
+    assert [[s for s, _ in c] for c in computed] == [list(range(12))] * 2
+    # stage 0's timeline step is its forward; its compute also holds the backward and update that
+    # came after stage 1's gradient (a backward costs about two forwards)
+    forward = sum(end - start for _, start, end in timelines[0])
+    assert sum(s for _, s in computed[0]) > 1.5 * forward
+    # neither counts the ~step-long waits for the other stage
+    assert all(0 < s < 1.0 for c in computed for _, s in c)
+
+
 def test_a_slow_stage_holds_back_the_stage_before_it_only_by_the_in_flight_bound(ray_cluster, tmp_path):
     """dgl, stage 1 slowed on purpose: stage 0 runs ahead, but at most the links' bound."""
     m = 2

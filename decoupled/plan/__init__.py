@@ -261,7 +261,9 @@ def compare_measured(result: dict, comparison: dict) -> list[dict]:
 def _slowdown(contention: dict | None) -> str:
     if not contention:
         return "no contention measured"
-    return ", ".join(f"{n} at once: {f:.2f}x slower" for n, f in contention.items() if n != "1")
+    alone = contention.get("1", 1.0)
+    return ", ".join(([f"a split stage alone: {alone:.2f}x slower"] if alone != 1.0 else [])
+                     + [f"{n} at once: {f:.2f}x slower" for n, f in contention.items() if n != "1"])
 
 
 def format_plan(result: dict, validation: list[dict] | None = None) -> str:

@@ -415,18 +415,24 @@ def measure_contention(cfg: Config, dataset: Dataset, workers: int, rounds: int 
 
 def measure_runtime_contention(cfg: Config, dataset: Dataset, profile: dict, method, steps: int = 48,
                                record: dict | None = None) -> dict:
-    """How much slower stages compute in the runtime's own workers, two training at once and
-    exchanging activations, than the profile timed them alone in its process.
+    """How much slower a split net's stages compute in the runtime's own workers than the profile
+    timed their blocks in one process: one stage at a time, and two training at once.
 
-    Runs ``method`` (a ``dgl`` method the profile timed: each stage computes without waiting for the
-    other's backward) for ``steps`` steps on the profile's balanced split of two workers through the
-    Ray runtime, and compares each stage's steps after warm-up (mean, from the workers' step
-    timelines) with the profile's time for them, scaled by how fast this process runs the net
-    just before and after against when the profile timed it, and weighed by how much of each step
-    the other stage was computing (``pair_slowdown``). Bare processes stepping at once
-    (``measure_contention``) miss what the runtime adds: Ray's worker processes, the links' threads
-    and copies, both stages' memory traffic. Returns {"1": 1.0, "2": factor}; ``record``, if given,
-    gets the numbers it rests on.
+    Both run on the profile's balanced split of two workers through the Ray runtime, ``steps``
+    steps each, in fresh processes, and compare each stage's steps after warm-up (means) with the
+    profile's time for them, scaled by how fast this process runs the net just before, between and
+    after against when the profile timed it:
+
+    - alone: naive model parallel, where one stage computes while the other waits. The same blocks
+      split over two processes computed 3-12% slower than in one (runs D-J of docs/RESULTS.md 3a,
+      stage 0 most: its backward comes after a wait), while a single worker computes as profiled;
+    - two at once: ``method`` (a ``dgl`` method the profile timed: each stage computes without
+      waiting for the other's backward), weighed by how much of each step the other stage was
+      computing (``pair_slowdown``). Bare processes stepping at once (``measure_contention``) miss
+      what the runtime adds: Ray's worker processes, the links' threads and copies, both stages'
+      memory traffic.
+
+    Returns {"1": alone, "2": two at once}; ``record``, if given, gets the numbers they rest on.
     """
     import tempfile
 
@@ -444,10 +450,12 @@ def measure_runtime_contention(cfg: Config, dataset: Dataset, profile: dict, met
     tmp = tempfile.TemporaryDirectory()
     data["output"] = {**data["output"], "dir": tmp.name, "tensorboard": False}
     probe = build_config(data)
+    naive = build_config({**data, "method": {"name": "backprop", "schedule": "naive"}})
     expected = [t.fwd for t in workload(profile, method, boundaries, probe, steps).stages]
+    expected_alone = [t.fwd + t.bwd + t.opt for t in workload(profile, naive.method, boundaries, naive, steps).stages]
     warmup = min(probe.train.warmup_steps, steps - 1)
     # the host's speed now against when the profile timed the blocks: one pass through the net as
-    # the profile timed it, just before and just after the run (a drifting host once gave 0.85x)
+    # the profile timed it, around each run (a drifting host once gave 0.85x)
     net = build_blocks(cfg.model, dataset.input_shape, dataset.num_classes)  # new blocks: only timed
     x = dataset.train_x[:profile["batch_size"]]
     size = str(profile["batch_size"])
@@ -461,14 +469,34 @@ def measure_runtime_contention(cfg: Config, dataset: Dataset, profile: dict, met
 
     with tmp, RayWorkers(probe) as workers:
         before = speed()
+        train_ray(naive, Path(tmp.name) / "alone", dataset, workers)
+        computed = _ray().get([a.steps_compute.remote() for a in workers.actors], timeout=probe.links.timeout_s)
+        between = speed()
+        workers.restart(graceful=True)  # fresh processes, as ``decoupled compare`` runs each method
         train_ray(probe, Path(tmp.name) / "probe", dataset, workers)
         after = speed()
         timelines = _ray().get([a.steps_timeline.remote() for a in workers.actors], timeout=probe.links.timeout_s)
-    overlaps, speed = step_overlaps(timelines, warmup), (before + after) / 2
-    if record is not None:  # what the factor rests on, for the profile's reader
+    alone = stage_alone_factor(computed, expected_alone, (before + between) / 2, warmup)
+    overlaps, speed = step_overlaps(timelines, warmup), (between + after) / 2
+    if record is not None:  # what the factors rest on, for the profile's reader
         record.update(step_s=[d for d, _ in overlaps], overlapped=[o for _, o in overlaps], expected_s=expected,
-                      host_speed=speed, plain_ratio=sum(d for d, _ in overlaps) / (sum(expected) * speed))
-    return {"1": 1.0, "2": pair_slowdown(overlaps, expected, speed)}
+                      host_speed=speed, plain_ratio=sum(d for d, _ in overlaps) / (sum(expected) * speed),
+                      alone_compute_s=[_mean_after(log, warmup) for log in computed],
+                      alone_expected_s=expected_alone, alone_host_speed=(before + between) / 2)
+    return {"1": alone, "2": pair_slowdown(overlaps, expected, speed, alone)}
+
+
+def _mean_after(log: list[tuple[int, float]], warmup: int) -> float:
+    return statistics.mean(seconds for step, seconds in log if step >= warmup)
+
+
+def stage_alone_factor(computed: list[list[tuple[int, float]]], expected: list[float], speed: float,
+                       warmup: int) -> float:
+    """How much slower the stages computed, one at a time, than the profile's times for them
+    (``expected``, scaled by the host's ``speed`` then): their mean seconds per step from
+    ``warmup`` on (``computed``: each stage's (step, seconds), from ``steps_compute``), summed,
+    over the profile's. Never under 1: the runtime adds work, it cannot take the blocks' away."""
+    return max(1.0, sum(_mean_after(log, warmup) for log in computed) / (sum(expected) * speed))
 
 
 def step_overlaps(timelines: list[list[tuple[int, float, float]]], warmup: int) -> list[tuple[float, float]]:
@@ -488,25 +516,28 @@ def step_overlaps(timelines: list[list[tuple[int, float, float]]], warmup: int) 
     return out
 
 
-def pair_slowdown(overlaps: list[tuple[float, float]], expected: list[float], speed: float) -> float:
+def pair_slowdown(overlaps: list[tuple[float, float]], expected: list[float], speed: float,
+                  alone: float = 1.0) -> float:
     """The slowdown of two tasks at once that turns the profile's step times (``expected``, scaled
     by the host's ``speed`` now) into the steps measured (``step_overlaps``), in the simulation's
-    terms: a task progresses at 1/f while the other stage computes and at full speed alone.
+    terms: a task progresses at 1/f while the other stage computes and at 1/``alone`` (the stages'
+    factor one at a time, ``stage_alone_factor``) while it computes alone.
 
     A stage that waits for its input is overlapped for only part of its step; taking the whole
     step as slowed would understate what two stages computing all the time (data parallel, replay)
     lose. Where the steps cannot be read that way, the plain ratio of the whole steps: hardly
-    overlapped (under 20%), or slower alone than the profile's whole step, or a factor over 2 (two
+    overlapped (under 20%), or as slow alone as the profile's whole step, or a factor over 2 (two
     tasks on two cores run no slower than sharing one: past that, what slows them is overhead
     outside the overlap, as in a tiny net's steps on a loaded host).
     """
     beside = sum(d * o for d, o in overlaps)
-    alone = sum(d * (1 - o) for d, o in overlaps)
+    alone_s = sum(d * (1 - o) for d, o in overlaps)
     work = sum(expected) * speed  # the steps' compute at the host's speed now: what they take alone
-    plain = (alone + beside) / work
-    if beside < 0.2 * (alone + beside) or work <= alone:
+    plain = (alone_s + beside) / work
+    done_alone = alone_s / alone  # of ``work``, what the stages did while the other one waited
+    if beside < 0.2 * (alone_s + beside) or work <= done_alone:
         return plain
-    factor = beside / (work - alone)
+    factor = beside / (work - done_alone)
     return factor if factor <= 2.0 else plain
 
 

@@ -126,6 +126,8 @@ class StageWorker:
         self.predictor_version = 0
         self.predictor_fingerprint = None
         self.step_log: collections.deque = collections.deque(maxlen=100_000)  # (step, start, end) wall times
+        # (step, seconds computed in it): a pipeline stage's whole share of the step, naive's backward too
+        self.compute_log: collections.deque = collections.deque(maxlen=100_000)
         self.run_dir = Path(run_dir) if run_dir and cfg.checkpoint.enabled else None
         self.saved: collections.deque = collections.deque(maxlen=32)  # steps_done of the checkpoints written
         self.stop_requested = False  # request_stop: end the epoch after the current step
@@ -240,6 +242,11 @@ class StageWorker:
     def steps_timeline(self) -> list[tuple[int, float, float]]:
         """(step, start, end) wall-clock times of this stage's training steps in the last run."""
         return list(self.step_log)
+
+    def steps_compute(self) -> list[tuple[int, float]]:
+        """(step, seconds) this pipeline stage computed in each training step of the last run (naive
+        model parallel: its forward, backward and update; waits not counted)."""
+        return list(self.compute_log)
 
     # ---------------------------------------------------------------- training
 
@@ -404,6 +411,7 @@ class StageWorker:
         step = -1
         delay = self.cfg.train.stage_delay_s.get(self.rank, 0.0)
         for step, x, y in self._inputs(steps):
+            computed = self.stats["compute_s"]
             t = time.perf_counter()
             result = stage.step(x, y)
             if delay:
@@ -427,6 +435,7 @@ class StageWorker:
                 self._save_checkpoint(step + 1)
             if self.mode == "naive":  # its backward is done too
                 self.last_step = step
+            self.compute_log.append((step, self.stats["compute_s"] - computed))
         # the epoch's end: apply what is still owed, then tell the next stage
         while pending:
             pending = self._drain_feedback(pending, block=True)
