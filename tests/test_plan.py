@@ -100,6 +100,12 @@ def test_contention_slows_a_task_only_while_another_runs_beside_it():
     three = [StageTimes(fwd=0.02) for _ in range(3)]
     q = _run("ddp", three, steps=100, cores=3, contention={"2": 1.0, "4": 1.5})
     assert q.samples_per_sec == pytest.approx(30 / (0.02 * 1.25), rel=1e-6)
+    # three on two cores time-slice, as the OS runs them: all three end at 30 ms (2/3 of a core
+    # each, at the 2-task slowdown), not two at 20 ms and the third at 40
+    r = _run("ddp", three, steps=100, cores=2)
+    assert r.samples_per_sec == pytest.approx(30 / 0.03, rel=1e-6)
+    assert _run("ddp", three, steps=100, cores=2, contention={"2": 1.2}).samples_per_sec \
+        == pytest.approx(30 / (0.03 * 1.2), rel=1e-6)
 
 
 def test_a_split_stage_alone_runs_at_the_measured_one_task_factor_a_whole_net_worker_as_profiled():
@@ -119,12 +125,12 @@ def test_a_split_stage_alone_runs_at_the_measured_one_task_factor_a_whole_net_wo
 
 def test_message_copies_take_core_time_at_both_ends_only_on_shared_cores():
     # each batch's 1 MB costs 10 ms of CPU at the sender and 10 ms at the receiver: on two shared
-    # cores, 2 x 20 ms of compute and 20 ms of copies per batch take 30 ms; with a core to spare,
-    # or a device per worker (cores=None), the copies cost the stages nothing
+    # cores, 2 x 20 ms of compute and 20 ms of copies per batch take 30 ms; with a core for each
+    # copy, or a device per worker (cores=None), the copies cost the stages nothing
     link = LinkCost(0.0, 1e18, cpu_s_per_byte=1e-8)
     stages = [StageTimes(fwd=0.02, out_bytes=1e6), StageTimes(fwd=0.02)]
     assert _run("dgl", stages, steps=200, cores=2, link=link).samples_per_sec == pytest.approx(10 / 0.03, rel=0.03)
-    for cores in (3, None):
+    for cores in (4, None):
         p = _run("dgl", stages, steps=200, cores=cores, link=link)
         assert p.samples_per_sec == pytest.approx(10 / 0.02, rel=0.02)
         assert p.idle_fraction[1] < 0.02  # the copies are gloo's work, not the stage's

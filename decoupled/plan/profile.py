@@ -462,7 +462,9 @@ def measure_runtime_contention(cfg: Config, dataset: Dataset, profile: dict, met
     then = sum(b["fwd_s"][size] + b["bwd_s"][size] for b in profile["blocks"])
 
     def speed() -> float:
-        passes = [sum(f + b for f, b in pass_times(net, x, input_grad=False)) for _ in range(4)]
+        # 7 passes: single passes of the benchmark's nets spread +-4% (VGG, 17:45, ad hoc), and this
+        # ratio scales both factors
+        passes = [sum(f + b for f, b in pass_times(net, x, input_grad=False)) for _ in range(8)]
         for block in net:
             block.zero_grad(set_to_none=True)
         return statistics.median(passes[1:]) / then  # the first warms up
@@ -482,7 +484,8 @@ def measure_runtime_contention(cfg: Config, dataset: Dataset, profile: dict, met
         record.update(step_s=[d for d, _ in overlaps], overlapped=[o for _, o in overlaps], expected_s=expected,
                       host_speed=speed, plain_ratio=sum(d for d, _ in overlaps) / (sum(expected) * speed),
                       alone_compute_s=[_mean_after(log, warmup) for log in computed],
-                      alone_expected_s=expected_alone, alone_host_speed=(before + between) / 2)
+                      alone_expected_s=expected_alone, alone_host_speed=(before + between) / 2,
+                      host_speeds=[before, between, after])
     return {"1": alone, "2": pair_slowdown(overlaps, expected, speed, alone)}
 
 

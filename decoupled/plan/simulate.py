@@ -3,19 +3,20 @@
 Each stage worker is a SimPy process that does what ``runtime/worker.py`` does, in the
 same order, with measured durations instead of tensors:
 
-- compute takes a core from the machine's pool when workers share cores (a CPU machine:
-  waiting for a core counts as compute, as time-slicing would), or runs at once (one GPU
-  per worker);
+- compute runs at once on a device per worker (one GPU each); where workers share a CPU
+  machine's cores, every running task progresses at once, as the OS time-slices them: with n
+  tasks on c cores, each at min(1, c/n) of a core, slowed by the contention measured for
+  min(n, c) tasks computing at once (waiting for a core counts as compute);
 - a link is a FIFO wire (latency + bytes / bandwidth per message) behind a queue of
   ``in_flight_bound(max_in_flight)`` messages: a sender blocks only when it is that far ahead;
   where workers share cores, a message's copies (gloo's threads, at both ends) take the CPU
-  the profile measured per byte from the pool while it is on its way: free if a core is
-  idle then, at the stages' expense if both are computing;
+  the profile measured per byte while it is on its way: free if a core is idle then, at the
+  stages' expense if both are computing;
 - lockstep schedules (GPipe, 1F1B, data parallel) meet at a barrier each step, as the
   workers' stop-flag all-reduce makes them;
 - each DNI coordinator trains its predictor from the samples the next stage sends, dropping
   the oldest beyond ``predictor_max_outstanding``; its work, and answering the stages' weight
-  requests, takes cores from the same pool.
+  requests, shares the same cores.
 
 Samples/s is computed as the runtime computes it: the samples from step ``warmup`` on,
 over the time from stage 0 starting that step (in a pipeline, or the last stage finishing
@@ -135,7 +136,7 @@ class _Sim:
     def __init__(self, w: Workload, link: LinkCost, cores: int | None) -> None:
         self.w, self.link = w, link
         self.env = simpy.Environment()
-        self.pool = simpy.Resource(self.env, cores) if cores else None
+        self.cores = cores  # None: a device per worker, compute never waits for another
         n = len(w.stages)
         self.busy = [0.0] * n
         self.end = [0.0] * n
@@ -152,25 +153,23 @@ class _Sim:
     def copies(self, nbytes: float) -> None:
         """A message of ``nbytes`` leaves: on shared cores its copies at the sending and at the
         receiving end each want a core for a while (they run beside the stages, in gloo's threads)."""
-        if self.pool is not None and nbytes and self.link.cpu_s_per_byte:
+        if self.cores and nbytes and self.link.cpu_s_per_byte:
             for _ in range(2):
                 self.env.process(self.compute(None, nbytes * self.link.cpu_s_per_byte))
 
     def compute(self, k: int | None, seconds: float):
         t0 = self.env.now
         if seconds > 0:
-            if self.pool is None:
+            if not self.cores:
                 yield self.env.timeout(seconds)
             else:
-                with self.pool.request() as req:
-                    yield req
-                    yield from self._shared(seconds)
+                yield from self._shared(seconds)
         if k is not None:
             self.busy[k] += self.env.now - t0
 
     def _shared(self, work: float):
         """Do ``work`` seconds of one core's compute while other tasks may run beside it: every
-        running task progresses at 1 / slowdown(tasks running), re-rated whenever one starts or
+        running task progresses at once (the OS time-slices them), re-rated whenever one starts or
         ends (a task overlapped for half its time is slowed for that half only)."""
         me = self.env.active_process
         self._settle()
@@ -197,7 +196,9 @@ class _Sim:
     def _rerate(self, changed) -> None:
         """The number of running tasks changed (``changed`` started or ended): at a new rate, the
         others wait anew."""
-        factor = self.slowdown(len(self.remaining)) if self.remaining else 1.0
+        n = len(self.remaining)
+        # n tasks on fewer cores get a share of one each; the cores they use contend as measured
+        factor = self.slowdown(min(n, self.cores)) * max(1.0, n / self.cores) if n else 1.0
         if factor != self.rate_factor:
             self.rate_factor = factor
             for task in self.remaining:
