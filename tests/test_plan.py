@@ -298,6 +298,18 @@ def test_data_parallel_adds_the_ring_all_reduce():
     ring = 2 * 3 / 4 * 8e6 / 1e9 + 2 * 3 * 1e-4
     step = 0.031 + ring + 2 * link.latency_s  # two barriers: the stop flag and the gradients
     assert p.samples_per_sec == pytest.approx(4 * 10 / step, rel=1e-3)
+    # replicas in lockstep, measured 1.1x their unsynchronised step (profile.measure_ddp_lockstep)
+    slow = _run("ddp", stages, link=link, allreduce_bytes=8e6, lockstep=1.1)
+    assert slow.samples_per_sec == pytest.approx(4 * 10 / (step + 0.1 * 0.03), rel=1e-3)
+
+
+def test_ddp_lockstep_probe_compares_ddp_with_the_same_processes_unsynchronised():
+    from decoupled.plan.profile import measure_ddp_lockstep
+
+    cfg, dataset = prepare(build_config(_tiny_config()))
+    factor = measure_ddp_lockstep(cfg, dataset, rounds=2, steps=4)
+    # a ratio of two timed steps, never under 1 (lockstep cannot be faster than the replicas' own pace)
+    assert 1.0 <= factor < 10.0
 
 
 def test_dfa_waits_only_beyond_the_in_flight_bound():

@@ -133,6 +133,7 @@ def workload(profile: dict, method, boundaries: list[int], cfg: Config, steps: i
         w.allreduce_bytes = 4 * c.params()
         if mode == "ddp":  # each replica draws its own batches: an epoch has 1/K of the steps
             w.steps = max(1, steps // k)
+            w.lockstep = profile.get("ddp_lockstep") or 1.0
         return w
     for i, (a, b) in enumerate(edges):
         last, first = i == k - 1, i == 0
@@ -221,6 +222,7 @@ def plan(cfg: Config, workers: int, profile: dict, link: dict | None = None, cor
     return {"workers": workers, "boundaries": boundaries, "balanced_boundaries": balanced,
             "stages": stage_table(profile, boundaries, methods, cost), "link": link, "cores": cores, "pool": pool,
             "steps": steps, "device": profile["device"], "contention": profile.get("contention") if pool else None,
+            "ddp_lockstep": profile.get("ddp_lockstep"),
             "predictions": rows}
 
 
@@ -274,6 +276,8 @@ def format_plan(result: dict, validation: list[dict] | None = None) -> str:
              + (f"; {result['pool']} workers' worth of cores shared, {_slowdown(result['contention'])}, "
                 f"message copies {1e3 * result['link'].get('cpu_s_per_byte', 0.0) * 2**20:.2f} ms of CPU per MiB "
                 "at each end"
+                + (f", DDP's lockstep {result['ddp_lockstep']:.2f}x the replicas' own step"
+                   if result.get("ddp_lockstep") else "")
                 if result["pool"] else "; a device per worker"),
              "", "| stage | blocks | params | fwd ms | bwd ms | update ms | activation MiB | link ms | extra ms |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -199,6 +199,8 @@ def _measure_profile(cfg: Config, dataset: Dataset, methods: list, repeats: int,
         in_runtime = (measure_runtime_contention(cfg, dataset, profile, dgl, record=probe)
                       if dgl and len(blocks) > 1 else {})
         profile["contention_probe"] = probe or None  # the steps and overlaps the factor rests on
+        if any(getattr(m, "schedule", None) == "ddp" for m in methods):
+            profile["ddp_lockstep"] = measure_ddp_lockstep(cfg, dataset)
         bare = measure_contention(cfg, dataset, room) if room > 2 or not in_runtime else {}
         profile["contention"] = {**bare, **in_runtime}
         if in_runtime and str(room) in bare:  # no fewer tasks at once slow each other down more
@@ -574,6 +576,68 @@ def _contention_worker(rank: int, model: dict, shape: tuple, classes: int, batch
     results.put((alone, together) if rank == 0 else None)
 
 
+def measure_ddp_lockstep(cfg: Config, dataset: Dataset, rounds: int = 3, steps: int = 8) -> float:
+    """How much longer torch's DDP steps take than the same two processes stepping the whole net
+    at once without synchronising, its gradient all-reduce aside (the simulation adds the ring).
+
+    Replicas in lockstep wait for the slower one each step, and two processes run the same step
+    at speeds 4-6% apart (docs/RESULTS.md 3a); DDP's own work (buckets, hooks) comes on top. On this
+    machine's benchmarks that made DDP 1.02-1.20x the unsynchronised step, what the contention probes
+    (different stages, or the same net unsynchronised) do not see. Measured on two gloo processes,
+    ``rounds`` times in turn, ``steps`` mean steps each: the median round's slower DDP replica over
+    the replicas' unsynchronised mean. Never under 1.
+    """
+    measured = run_gloo_pair(_ddp_lockstep_peer, cfg.model.model_dump(mode="json"), tuple(dataset.input_shape),
+                             dataset.num_classes, cfg.train.batch_size, cfg.train.threads or 1, rounds, steps,
+                             timeout_s=600)
+    ratios = [(max(r["ddp"][i] for r in measured) - statistics.median(measured[0]["allreduce"]))
+              / statistics.mean(r["together"][i] for r in measured) for i in range(rounds)]
+    return max(1.0, statistics.median(ratios))
+
+
+def _ddp_lockstep_peer(rank: int, port: int, model: dict, shape: tuple, classes: int, batch: int, threads: int,
+                       rounds: int, steps: int, results) -> None:
+    import torch.distributed as dist
+    from pydantic import TypeAdapter
+    from torch.nn.parallel import DistributedDataParallel
+
+    from ..config import ModelConfig
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    store = dist.TCPStore("127.0.0.1", port, 2, rank == 0, timedelta(seconds=60))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=2, timeout=timedelta(seconds=300))
+    net = nn.Sequential(*build_blocks(TypeAdapter(ModelConfig).validate_python(model), shape, classes))
+    ddp = DistributedDataParallel(net)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+    x, y = torch.randn(batch, *shape), torch.randint(0, classes, (batch,))
+    grads = torch.zeros(sum(p.numel() for p in net.parameters()))
+
+    def mean_step(model: nn.Module, lockstep: bool) -> float:
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            if lockstep:  # the runtime's per-step stop flag
+                dist.all_reduce(torch.zeros(1))
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return (time.perf_counter() - t0) / steps
+
+    mean_step(ddp, True)  # warm-up
+    report: dict[str, list[float]] = {"together": [], "ddp": [], "allreduce": []}
+    for _ in range(rounds):
+        report["together"].append(mean_step(net, False))
+        report["ddp"].append(mean_step(ddp, True))
+        dist.barrier()
+        t0 = time.perf_counter()
+        dist.all_reduce(grads)
+        report["allreduce"].append(time.perf_counter() - t0)
+    results.put(report)
+    dist.destroy_process_group()
+
+
 def measure_pipeline_overhead(batch: int, microbatches: tuple[int, int] = (2, 8), steps: int = 30) -> dict:
     """Seconds torch's GPipe and 1F1B schedules spend per step beyond the model's compute, as
     ``per_step_s + per_microbatch_s * M``: measured with a one-Linear model on two gloo processes,
@@ -755,6 +819,7 @@ def assume_device(profile: dict, tflops: float, overhead_us: float, memory_gbyte
     out["device_type"] = "assumed"
     out["timed"] = True  # every time is now set
     out["cores"] = None
+    out.pop("ddp_lockstep", None)  # this machine's processes and gloo, not the device's
     for blk in out["blocks"]:
         for size, f in blk["flops"].items():
             blk["fwd_s"][size] = f["fwd"] / rate + blk["layers"] * over

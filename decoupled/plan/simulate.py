@@ -82,6 +82,7 @@ class Workload:
     max_in_flight: int = 2
     microbatches: int = 1
     allreduce_bytes: float = 0.0  # ddp: gradient bytes each step
+    lockstep: float = 1.0  # ddp: its step over the replicas' unsynchronised one (profile.measure_ddp_lockstep)
     schedule_overhead: tuple[float, float] = (0.0, 0.0)  # gpipe/1f1b: the library's seconds per step, per micro-batch
     replay_capacity: int = 0
     replay_max_reuse: int = 1
@@ -301,7 +302,7 @@ def _ddp(sim: _Sim, k: int, fwd, back):
     for step in range(w.steps):
         yield from sim.barrier(step, n)
         sim.mark(k, step)
-        yield from sim.compute(k, s.fwd + s.bwd)
+        yield from sim.compute(k, (s.fwd + s.bwd) * w.lockstep)
         t0 = sim.env.now
         yield from sim.barrier(-1 - step, n)  # gradients are averaged once every replica has them
         sim.copies(ring_bytes)  # what this replica sends in the ring, copied here and at its neighbour
