@@ -426,8 +426,9 @@ def measure_runtime_contention(cfg: Config, dataset: Dataset, profile: dict, met
     after against when the profile timed it:
 
     - alone: naive model parallel, where one stage computes while the other waits. The same blocks
-      split over two processes computed 3-12% slower than in one (runs D-J of docs/RESULTS.md 3a,
-      stage 0 most: its backward comes after a wait), while a single worker computes as profiled;
+      split over two processes computed 1-10% slower than in one (both stages summed, runs D-J of
+      docs/RESULTS.md 3a; stage 0 most: its backward comes after a wait), while a single worker
+      computes as profiled;
     - two at once: ``method`` (a ``dgl`` method the profile timed: each stage computes without
       waiting for the other's backward), weighed by how much of each step the other stage was
       computing (``pair_slowdown``). Bare processes stepping at once (``measure_contention``) miss
