@@ -18,8 +18,8 @@ and in situ.
         --schedules gpipe-2,gpipe-8,1f1b-8
 
 ``--schedules ddp`` does the same for data parallel on the whole net (no ``--boundary``): each
-replica's step alone, both replicas stepping at once unsynchronised (what the profile's contention
-probe measures), and torch's DDP with the runtime's per-step stop-flag all-reduce.
+replica's step alone, both replicas stepping at once unsynchronised, and torch's DDP with the
+runtime's per-step stop-flag all-reduce (mean steps; the planner's DDP lockstep probe).
 
     python benchmarks/pipeline_in_situ.py --config configs/bench_cpu.yaml --schedules ddp --rounds 3
 """
@@ -103,57 +103,6 @@ def _peer(rank: int, port: int, config: str, boundary: int, kind: str, m: int, r
     dist.destroy_process_group()
 
 
-def _ddp_peer(rank: int, port: int, config: str, rounds: int, steps: int, results):
-    """Data parallel on the whole net: each replica's step alone (the other waiting), both stepping
-    at once without synchronising (the profile's contention probe), and real DDP with the runtime's
-    per-step stop-flag all-reduce; median wall seconds per step of each, per round."""
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
-
-    from decoupled.config import load_config
-    from decoupled.models import build_blocks
-    from decoupled.stage import build_optimizer
-    from decoupled.train import prepare
-
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    cfg, dataset = prepare(load_config(config))
-    torch.set_num_threads(cfg.train.threads or 1)
-    torch.manual_seed(cfg.seed)
-    net = nn.Sequential(*build_blocks(cfg.model, dataset.input_shape, dataset.num_classes))
-    store = dist.TCPStore("127.0.0.1", port, 2, rank == 0, timedelta(seconds=60))
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=2, timeout=timedelta(seconds=300))
-    ddp = DistributedDataParallel(net)
-    opt = build_optimizer(list(net.parameters()), cfg.optimizer)
-    batch = cfg.train.batch_size
-    x, y = dataset.train_x[rank * batch:(rank + 1) * batch], dataset.train_y[rank * batch:(rank + 1) * batch]
-
-    def step_time(model: nn.Module, flag: bool) -> float:
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            if flag:
-                dist.all_reduce(torch.zeros(1))
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
-    step_time(ddp, True)  # warm-up
-    report = {"alone": [], "together": [], "ddp": []}
-    for _ in range(rounds):
-        for who in (0, 1):
-            dist.barrier()
-            if rank == who:
-                report["alone"].append(step_time(net, False))
-        dist.barrier()
-        report["together"].append(step_time(net, False))
-        dist.barrier()
-        report["ddp"].append(step_time(ddp, True))
-    results.put((rank, report))
-    dist.destroy_process_group()
-
-
 def measure(config: str, boundary: int, kind: str, m: int, rounds: int, steps: int,
             pin: bool = False) -> dict[int, dict]:
     from decoupled.plan.profile import run_gloo_pair
@@ -174,10 +123,19 @@ def simulated_step(kind: str, m: int, batch: int, per_stage: list[tuple[float, f
 
 
 def _print_ddp(config: str, rounds: int, steps: int) -> None:
-    """One line per round and replica: alone, together unsynchronised, and DDP step ms."""
-    from decoupled.plan.profile import run_gloo_pair
+    """One line per round and replica: alone, together unsynchronised, and DDP mean step ms (the
+    planner's DDP lockstep probe, ``measure_ddp_lockstep``, with each replica also timed alone)."""
+    import functools
 
-    r = dict(run_gloo_pair(_ddp_peer, config, rounds, steps, timeout_s=1800))
+    from decoupled.config import load_config
+    from decoupled.plan.profile import _ddp_lockstep_peer, run_gloo_pair
+    from decoupled.train import prepare
+
+    cfg, dataset = prepare(load_config(config))
+    peer = functools.partial(_ddp_lockstep_peer, alone=True)
+    reports = run_gloo_pair(peer, cfg.model.model_dump(mode="json"), tuple(dataset.input_shape), dataset.num_classes,
+                            cfg.train.batch_size, cfg.train.threads or 1, rounds, steps, timeout_s=1800)
+    r = {report["rank"]: report for report in reports}
     print("\n| ddp round | replica | step alone ms | both at once, unsynchronised | DDP with the stop flag | DDP / at once |")
     print("|---|---|---|---|---|---|")
     for i in range(rounds):

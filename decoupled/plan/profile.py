@@ -597,7 +597,10 @@ def measure_ddp_lockstep(cfg: Config, dataset: Dataset, rounds: int = 3, steps: 
 
 
 def _ddp_lockstep_peer(rank: int, port: int, model: dict, shape: tuple, classes: int, batch: int, threads: int,
-                       rounds: int, steps: int, results) -> None:
+                       rounds: int, steps: int, results, alone: bool = False) -> None:
+    """Mean seconds per step of the whole net, per round: both replicas unsynchronised ("together"),
+    through DDP with the stop flag ("ddp"), one all-reduce of the gradients ("allreduce"), and with
+    ``alone`` each replica with its peer waiting ("alone"; benchmarks/pipeline_in_situ.py)."""
     import torch.distributed as dist
     from pydantic import TypeAdapter
     from torch.nn.parallel import DistributedDataParallel
@@ -615,8 +618,9 @@ def _ddp_lockstep_peer(rank: int, port: int, model: dict, shape: tuple, classes:
     x, y = torch.randn(batch, *shape), torch.randint(0, classes, (batch,))
     grads = torch.zeros(sum(p.numel() for p in net.parameters()))
 
-    def mean_step(model: nn.Module, lockstep: bool) -> float:
-        dist.barrier()
+    def mean_step(model: nn.Module, lockstep: bool, together: bool = True) -> float:
+        if together:  # both start at once
+            dist.barrier()
         t0 = time.perf_counter()
         for _ in range(steps):
             if lockstep:  # the runtime's per-step stop flag
@@ -627,8 +631,12 @@ def _ddp_lockstep_peer(rank: int, port: int, model: dict, shape: tuple, classes:
         return (time.perf_counter() - t0) / steps
 
     mean_step(ddp, True)  # warm-up
-    report: dict[str, list[float]] = {"together": [], "ddp": [], "allreduce": []}
+    report: dict = {"rank": rank, "alone": [], "together": [], "ddp": [], "allreduce": []}
     for _ in range(rounds):
+        for who in (0, 1) if alone else ():
+            dist.barrier()
+            if rank == who:  # the peer waits at the next barrier
+                report["alone"].append(mean_step(net, False, together=False))
         report["together"].append(mean_step(net, False))
         report["ddp"].append(mean_step(ddp, True))
         dist.barrier()
